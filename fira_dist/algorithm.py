@@ -1,0 +1,191 @@
+"""The Fira / GaLore / Adam math on local tensors. Nothing here knows about ranks or collectives.
+
+Notation for one weight with gradient G of shape (m, n), projector P (see projector.py), k = min(rank, m, n):
+- right projection: R = G Q^T (m, k), back(X) = X Q; the scaling factor phi is per row of G: (m, 1)
+- left projection:  R = P^T G (k, n), back(X) = P X; phi is per column of G: (1, n)
+
+One step, as the reference (fira 1.0.2) computes it:
+    m, v  <- Adam moments of R;  N = m / (sqrt(v) + eps)
+    phi   = ||N||_axis / (||R||_axis + 1e-8)
+    S     = (G - beta * back(R)) * phi          beta = alpha ("reference") or 1 ("orthogonal")
+    lim   = max(||S|| / (prev + 1e-8), gamma) / gamma  (1 on the first step);  S /= lim;  prev = ||S||
+    p    -= step_size * (alpha * back(N) + S);  p -= lr * wd * p
+
+Because phi is per row (right) or per column (left) it commutes with back(), so with c = phi / lim:
+    alpha * back(N) + S = back(alpha * N - beta * c * R) + c * G
+which needs two (m x n x k) matrix products per step (R = project(G) and back(X)) instead of three.
+||S|| is then computed without forming S, from per-row (per-column) norms:
+    ||S||^2 = sum_i phi_i^2 * (||G_i||^2 - (2 beta - beta^2) ||R_i||^2)
+(exact for an orthonormal projector; each term clamped at 0 against rounding). The per-row form is what
+lets a row-sharded layout compute ||S||^2 locally and finish it with one all-reduce of a scalar.
+
+Reference quirk kept: for a left projection whose low-rank N is square (k == n, i.e. rank >= n and m == n)
+the reference takes phi per ROW of G. That does not commute with back(), so that case runs the explicit
+three-product form. (With m > n the reference crashes on a broadcast; we use phi per column there.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from fira_dist.config import Algorithm, GroupOptions, Residual
+
+NORM_EPS = 1e-8  # the reference's epsilon in phi and in the limiter
+
+
+def bias_corrected_step_size(o: GroupOptions, step: int) -> float:
+    """lr * sqrt(1 - beta2^t) / (1 - beta1^t) (or lr without correct_bias); step t counts from 1."""
+    if not o.correct_bias:
+        return o.lr
+    return o.lr * math.sqrt(1.0 - o.beta2**step) / (1.0 - o.beta1**step)
+
+
+def adam_normalized_(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, o: GroupOptions) -> torch.Tensor:
+    """Update the moments in place (same op order as the reference) and return N = m / (sqrt(v) + eps)."""
+    exp_avg.mul_(o.beta1).add_(g, alpha=1.0 - o.beta1)
+    exp_avg_sq.mul_(o.beta2).addcmul_(g, g, value=1.0 - o.beta2)
+    return exp_avg / exp_avg_sq.sqrt().add_(o.eps)
+
+
+def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
+    """(m, n) -> (m, k) for 'right' (G Q^T), (k, n) for 'left' (P^T G)."""
+    return G @ P.T if side == "right" else P.T @ G
+
+
+def project_back(X: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
+    """(m, k) or (k, n) -> (m, n)."""
+    return X @ P if side == "right" else P @ X
+
+
+def _axis(side: str) -> int:
+    # Norms along the projected dimension: per row of G for 'right' (dim=1), per column for 'left' (dim=0).
+    return 1 if side == "right" else 0
+
+
+def residual_coefficient(o: GroupOptions) -> float:
+    """beta: the multiple of back(R) removed from G in the residual."""
+    return o.alpha if o.residual == Residual.REFERENCE else 1.0
+
+
+def scaling_and_residual_sq(
+    G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, side: str, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi (m, 1) or (1, n) and the local part of ||S||^2 (0-d), for the rows/columns this process holds.
+
+    G (m, n) in the low-rank dtype; R, N (m, k) or (k, n). No collectives.
+    """
+    ax = _axis(side)
+    r_sq = R.square().sum(dim=ax, keepdim=True)  # (m,1) / (1,n)
+    phi = torch.linalg.vector_norm(N, dim=ax, keepdim=True) / (r_sq.sqrt() + NORM_EPS)
+    g_sq = G.square().sum(dim=ax, keepdim=True)
+    res = (g_sq - (2.0 * beta - beta * beta) * r_sq).clamp_(min=0.0)
+    return phi, (phi.square() * res).sum()
+
+
+def limiter(
+    s_norm: torch.Tensor, prev: torch.Tensor, gamma: float | None, has_prev: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm-growth limiter: (divisor lim (0-d), the norm to store (0-d)). No host sync."""
+    if gamma is None or not has_prev:
+        return torch.ones_like(s_norm), s_norm
+    lim = torch.clamp(s_norm / (prev + NORM_EPS), min=gamma) / gamma
+    return lim, s_norm / lim
+
+
+def lowrank_direction_parts(
+    N: torch.Tensor, R: torch.Tensor, phi: torch.Tensor | None, lim: torch.Tensor | None, o: GroupOptions
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """X (low-rank shape) and c (phi / lim, or None for GaLore) with direction = back(X) + c * G."""
+    if o.algorithm == Algorithm.GALORE:
+        return N.mul_(o.alpha), None
+    c = phi / lim
+    beta = residual_coefficient(o)
+    X = torch.addcmul(N.mul_(o.alpha), c, R, value=-beta)
+    return X, c
+
+
+def apply_direction_(
+    target: torch.Tensor,
+    G: torch.Tensor,
+    X: torch.Tensor,
+    c: torch.Tensor | None,
+    P: torch.Tensor,
+    side: str,
+    scale: float,
+) -> None:
+    """target += scale * (back(X) + c * G), in place, with one matrix product and no (m, n) temporary.
+
+    target and G (m, n) (or the same rows of them); X and c as from lowrank_direction_parts.
+    """
+    if c is not None:
+        target.addcmul_(G.to(target.dtype), c.to(target.dtype), value=scale)
+    Xt, Pt = X.to(target.dtype), P.to(target.dtype)
+    if side == "right":
+        target.addmm_(Xt, Pt, alpha=scale)
+    else:
+        target.addmm_(Pt, Xt, alpha=scale)
+
+
+def decay_(p: torch.Tensor, o: GroupOptions) -> None:
+    """Decoupled weight decay exactly as the reference: p -= lr * wd * p."""
+    if o.weight_decay > 0.0:
+        p.add_(p, alpha=-o.lr * o.weight_decay)
+
+
+@dataclasses.dataclass
+class LowRankState:
+    """The tensors of one low-rank matrix (views into the optimizer state dict)."""
+
+    projector: torch.Tensor  # (k, n) right / (m, k) left
+    exp_avg: torch.Tensor  # (m, k) / (k, n)
+    exp_avg_sq: torch.Tensor  # same
+    limiter_norm: torch.Tensor  # 0-d
+
+
+def is_left_square_quirk(side: str, lowrank_shape: tuple[int, int], full_shape: tuple[int, int]) -> bool:
+    """The reference's per-row phi for a left projection with square N (see module docstring)."""
+    return side == "left" and lowrank_shape[0] == lowrank_shape[1] and full_shape[0] == full_shape[1]
+
+
+def whole_matrix_update_(
+    target: torch.Tensor, G: torch.Tensor, st: LowRankState, o: GroupOptions, side: str, step: int
+) -> None:
+    """One Fira/GaLore step for a whole matrix held by this process: updates st and target (m, n).
+
+    step: the step number after increment (1 on the first update). The projector must be current.
+    """
+    Gc = G.to(st.exp_avg.dtype)
+    R = project(Gc, st.projector, side)
+    N = adam_normalized_(R, st.exp_avg, st.exp_avg_sq, o)
+    step_size = bias_corrected_step_size(o, step)
+    if o.algorithm == Algorithm.FIRA and is_left_square_quirk(side, tuple(N.shape), tuple(G.shape)):
+        _left_square_quirk_update_(target, Gc, R, N, st, o, step, step_size)
+    else:
+        phi = lim = None
+        if o.algorithm == Algorithm.FIRA:
+            phi, s_sq = scaling_and_residual_sq(Gc, R, N, side, residual_coefficient(o))
+            lim, new_norm = limiter(s_sq.sqrt(), st.limiter_norm, o.limiter_gamma, has_prev=step > 1)
+            st.limiter_norm.copy_(new_norm)
+        X, c = lowrank_direction_parts(N, R, phi, lim, o)
+        apply_direction_(target, Gc, X, c, st.projector, side, -step_size)
+    decay_(target, o)
+
+
+def _left_square_quirk_update_(target, G, R, N, st, o, step, step_size) -> None:
+    phi = torch.linalg.vector_norm(N, dim=1, keepdim=True) / (torch.linalg.vector_norm(R, dim=1, keepdim=True) + NORM_EPS)
+    S = (G - residual_coefficient(o) * (st.projector @ R)) * phi  # (m, n), phi per row as the reference
+    lim, new_norm = limiter(torch.linalg.vector_norm(S), st.limiter_norm, o.limiter_gamma, has_prev=step > 1)
+    st.limiter_norm.copy_(new_norm)
+    D = torch.addmm(S / lim, st.projector, N, alpha=o.alpha)
+    target.add_(D.to(target.dtype), alpha=-step_size)
+
+
+def adam_update_(target: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 o: GroupOptions, step: int) -> None:
+    """Plain Adam (the reference's form: eps outside the bias correction) on any-shaped tensors."""
+    N = adam_normalized_(g.to(exp_avg.dtype), exp_avg, exp_avg_sq, o)
+    target.add_(N.to(target.dtype), alpha=-bias_corrected_step_size(o, step))
+    decay_(target, o)

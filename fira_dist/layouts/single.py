@@ -1,0 +1,101 @@
+"""One process: every matrix's gradient, state and update are local. No collectives.
+
+This is the layout the distributed ones are tested against, and the home of the whole-matrix step that
+owner-computes layouts (replicated, flat-partitioned) run on each matrix's owner.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+
+from fira_dist.algorithm import LowRankState, adam_update_, whole_matrix_update_
+from fira_dist.config import ProjectorKind
+from fira_dist.projector import ProjectorError, compute_projector, lowrank_shape, projector_shape
+
+
+def refresh_projector_(opt: Any, task: Any, st: dict[str, Any], G: torch.Tensor) -> bool:
+    """Recompute the projector from the whole gradient G (m, n) if this step is a refresh step.
+
+    Returns False when the matrix cannot take a step now (the first projector failed); on a later failure
+    the old projector is kept. Either way one warning names the parameter.
+    """
+    step = int(st["step"])
+    o = task.opts
+    if step % o.update_proj_gap != 0:
+        return True
+    gen = None
+    if o.projector == ProjectorKind.RANDOMIZED:  # seeded by name and step: resumption is bit-exact
+        gen = torch.Generator(device=G.device).manual_seed(zlib.crc32(f"{task.name}:{step}".encode()))
+    try:
+        P = compute_projector(G, o.rank, task.side, o.projector, generator=gen)
+    except ProjectorError as err:
+        keep = "keeping the previous projector" if step > 0 else "skipping this matrix's step"
+        opt.warn_once(f"svd:{task.name}", f"projector refresh of {task.name} at step {step} failed ({err}); {keep}")
+        return step > 0
+    st["projector"].copy_(P)
+    return True
+
+
+def whole_matrix_step_(opt: Any, task: Any, st: dict[str, Any], G: torch.Tensor, target: torch.Tensor) -> bool:
+    """Refresh (if due), then one low-rank step of target (m, n) from the whole gradient G. False if skipped."""
+    if not refresh_projector_(opt, task, st, G):
+        return False
+    st["step"] += 1
+    lrs = LowRankState(st["projector"], st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"])
+    whole_matrix_update_(target, G, lrs, task.opts, task.side, int(st["step"]))
+    return True
+
+
+def adam_step_(opt: Any, task: Any, g: torch.Tensor, target: torch.Tensor, state_key: Any) -> None:
+    st = opt.init_adam_state(state_key, g, task.opts)
+    st["step"] += 1
+    adam_update_(target, g, st["exp_avg"], st["exp_avg_sq"], task.opts, int(st["step"]))
+
+
+class SingleProcess:
+    """Everything on this process."""
+
+    def __init__(self, opt: Any, process_group: Any = None):
+        self.opt = opt
+        self.skipped: dict[str, int] = {}  # parameter name -> steps skipped for a non-finite gradient
+
+    def logical_shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(p.shape)
+
+    def expected_state_shapes(self) -> dict[torch.Tensor, dict[str, tuple[int, ...]]]:
+        out = {}
+        for gi, group in enumerate(self.opt.param_groups):
+            o = self.opt.group_options(gi)
+            for p in group["params"]:
+                if o.low_rank and p.ndim == 2:
+                    from fira_dist.projector import side_for
+
+                    side = side_for(p.shape, o.proj_type.value)
+                    lr_shape = lowrank_shape(p.shape, o.rank, side)
+                    out[p] = {"projector": projector_shape(p.shape, o.rank, side), "exp_avg": lr_shape,
+                              "exp_avg_sq": lr_shape}
+                else:
+                    out[p] = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+        return out
+
+    def note_nonfinite(self, task: Any) -> None:
+        self.skipped[task.name] = self.skipped.get(task.name, 0) + 1
+        self.opt.warn_once(f"nf:{task.name}", f"gradient of {task.name} has NaN/Inf: its update is skipped "
+                           f"(state untouched) at step {self.opt.global_step}; warning once")
+
+    def step(self, tasks: list[Any]) -> None:
+        for task, ok in zip(tasks, self.opt.finite_mask([t.grad for t in tasks])):
+            if not ok:
+                self.note_nonfinite(task)
+                continue
+            if task.low_rank:
+                st = self.opt.init_matrix_state(task.param, task)
+                whole_matrix_step_(self.opt, task, st, task.grad, task.param)
+            else:
+                adam_step_(self.opt, task, task.grad, task.param, task.param)
+
+    def comm_stats(self) -> dict[str, Any]:
+        return {"bytes_per_step": 0, "total_bytes": 0, "by_op": {}}

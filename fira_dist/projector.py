@@ -1,0 +1,108 @@
+"""Projectors for low-rank gradient projection: exact SVD (as the reference) and randomized.
+
+Shapes, for a gradient G of shape (m, n) and k = min(rank, m, n):
+- right projection: Q of shape (k, n) with orthonormal rows, R = G Q^T of shape (m, k);
+- left projection:  P of shape (m, k) with orthonormal columns, R = P^T G of shape (k, n).
+
+No collectives here: callers hand over a whole matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fira_dist.config import ProjectorKind
+
+
+class ProjectorError(RuntimeError):
+    """The projector could not be computed (non-finite input, or the SVD did not converge twice)."""
+
+
+def side_for(shape: tuple[int, int] | torch.Size, proj_type: str) -> str:
+    """'right' or 'left' for a (m, n) matrix, with the reference's rule for each proj_type."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type  # "left" / "right"
+
+
+def effective_rank(shape: tuple[int, int] | torch.Size, rank: int) -> int:
+    return min(rank, shape[0], shape[1])
+
+
+def projector_shape(shape: tuple[int, int] | torch.Size, rank: int, side: str) -> tuple[int, int]:
+    k = effective_rank(shape, rank)
+    return (k, shape[1]) if side == "right" else (shape[0], k)
+
+
+def lowrank_shape(shape: tuple[int, int] | torch.Size, rank: int, side: str) -> tuple[int, int]:
+    k = effective_rank(shape, rank)
+    return (shape[0], k) if side == "right" else (k, shape[1])
+
+
+def _svd_projector(G: torch.Tensor, k: int, side: str) -> torch.Tensor:
+    # Exactly the reference's call: a thin SVD of the fp32 gradient.
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    return Vh[:k, :] if side == "right" else U[:, :k]
+
+
+def _randomized_projector(
+    G: torch.Tensor, k: int, side: str, oversample: int, power_iters: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Halko-Martinsson-Tropp range finder with power iterations, then an exact SVD of the small sketch.
+
+    Cost: O(m n (k + p) (2 q + 2)) flops plus an SVD of a (k + p) x max(m, n) matrix, against
+    O(m n min(m, n)) for the full SVD.
+    """
+    A = G if side == "left" else G.T  # we want the top-k left singular vectors of A: (a, b)
+    a, b = A.shape
+    ell = min(k + oversample, a, b)
+    omega = torch.randn(b, ell, device=A.device, dtype=A.dtype, generator=generator)  # (b, ell)
+    Y = A @ omega  # (a, ell)
+    for _ in range(power_iters):
+        Y, _ = torch.linalg.qr(Y)
+        Y = A @ (A.T @ Y)
+    Qb, _ = torch.linalg.qr(Y)  # (a, ell)
+    B = Qb.T @ A  # (ell, b)
+    Ub, _, _ = torch.linalg.svd(B, full_matrices=False)  # (ell, ell)
+    U = Qb @ Ub[:, :k]  # (a, k)
+    return U if side == "left" else U.T.contiguous()
+
+
+def compute_projector(
+    G: torch.Tensor,
+    rank: int,
+    side: str,
+    kind: ProjectorKind = ProjectorKind.SVD,
+    *,
+    oversample: int = 8,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The projector for gradient G (m, n), in fp32: (k, n) for side 'right', (m, k) for 'left'.
+
+    Raises ProjectorError if G is not finite, or if the SVD fails in fp32 and again in fp64.
+    """
+    Gf = G.float()
+    if not bool(torch.isfinite(Gf).all()):
+        raise ProjectorError("gradient has NaN/Inf entries")
+    k = effective_rank(G.shape, rank)
+    if kind == ProjectorKind.RANDOMIZED and k < min(G.shape):
+        return _randomized_projector(Gf, k, side, oversample, power_iters, generator)
+    try:
+        return _svd_projector(Gf, k, side)
+    except RuntimeError:  # torch.linalg.LinAlgError: did not converge
+        try:
+            return _svd_projector(Gf.double(), k, side).float()
+        except RuntimeError as err:
+            raise ProjectorError(f"SVD did not converge in float32 nor float64: {err}") from err
+
+
+def subspace_error(P_approx: torch.Tensor, P_exact: torch.Tensor, side: str) -> float:
+    """sin of the largest principal angle between the two k-dimensional subspaces (0 = identical)."""
+    A = P_approx.T if side == "right" else P_approx  # (dim, k) orthonormal columns
+    B = P_exact.T if side == "right" else P_exact
+    s = torch.linalg.svdvals(A.double().T @ B.double())
+    return float(torch.sqrt(torch.clamp(1 - s.min() ** 2, min=0.0)))
