@@ -32,7 +32,6 @@ import glob
 import gzip
 import hashlib
 import html.parser
-import io
 import json
 import logging
 import os
@@ -105,7 +104,7 @@ class _SphinxText(html.parser.HTMLParser):
             if self.heading == "h1" and not self.title:
                 self.title = text
             self.sections[-1][1].append(self.prefix + text)
-        self.prefix = ""
+            self.prefix = ""
 
     def handle_starttag(self, tag, attrs_list):
         attrs = dict(attrs_list)

@@ -1,0 +1,1 @@
+"""Pretraining entry point: LLaMA model configs (``models``) and the data layer (``data``)."""
