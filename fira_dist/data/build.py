@@ -117,14 +117,14 @@ class _SphinxText(html.parser.HTMLParser):
             if tag == self.skip_tag:
                 self.skip_depth += 1
             return
-        if tag == "div":
-            self.main_depth += 1
-        if tag == "section" and attrs.get("id"):
-            self.pending_anchor = attrs["id"]
         if self._skip(tag, attrs):
             if tag not in ("img",):  # void element: nothing to skip
                 self.skip_tag, self.skip_depth = tag, 1
             return
+        if tag == "div":
+            self.main_depth += 1
+        if tag == "section" and attrs.get("id"):
+            self.pending_anchor = attrs["id"]
         if tag in _BLOCK:
             self._flush()
         if tag == "h2":
