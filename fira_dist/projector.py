@@ -104,5 +104,6 @@ def subspace_error(P_approx: torch.Tensor, P_exact: torch.Tensor, side: str) -> 
     """sin of the largest principal angle between the two k-dimensional subspaces (0 = identical)."""
     A = P_approx.T if side == "right" else P_approx  # (dim, k) orthonormal columns
     B = P_exact.T if side == "right" else P_exact
-    s = torch.linalg.svdvals(A.double().T @ B.double())
-    return float(torch.sqrt(torch.clamp(1 - s.min() ** 2, min=0.0)))
+    A, B = A.double(), B.double()
+    # ||(I - B B^T) A||_2: accurate for small angles, unlike sqrt(1 - cos^2).
+    return float(torch.linalg.matrix_norm(A - B @ (B.T @ A), ord=2))

@@ -19,7 +19,8 @@ Outputs (all in ``--out``, default: this folder):
 * ``tokenizer.json`` + ``tokenizer_config.json``: loadable with
   ``transformers.PreTrainedTokenizerFast.from_pretrained(<folder>)`` or
   ``AutoTokenizer.from_pretrained(<folder>)``.
-* ``LICENSE-PSF.txt``: the license text of the source, taken from the same pages.
+* ``LICENSE-PSF.txt``: the package's Debian copyright file (the PSF License
+  Agreement and the licenses it lists), verbatim.
 
 Everything is deterministic: files are read in sorted order, the split is a pure
 function of the page path, the gzip headers carry no time stamp.
@@ -267,17 +268,17 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
     logger.info("tokenizer: %d tokens", tok.get_vocab_size())
 
 
-def extract_license(source: str, out_path: str):
-    """Copies the history-and-license page of the source as plain text."""
-    parser = _SphinxText()
-    with open(os.path.join(source, "license.html"), encoding="utf-8") as f:
-        parser.feed(f.read())
-    parser._flush()
-    paras = [p for _, ps in parser.sections for p in ps]
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write("Python documentation (Debian package python3.11-doc, 3.11.2): "
-                "History and License, converted to plain text\n\n")
-        f.write("\n\n".join(paras) + "\n")
+def copy_license(source: str, out_path: str):
+    """Copies the Debian copyright file of the package (the Python license texts) verbatim.
+
+    It lies at ``<source>/../../python3.11-doc/copyright`` (that is
+    ``/usr/share/doc/python3.11-doc/copyright`` for the installed package).
+    """
+    path = os.path.normpath(os.path.join(source, "..", "..", DEBIAN_PACKAGE, "copyright"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"license file {path} of {DEBIAN_PACKAGE} is missing")
+    with open(path, "rb") as src, open(out_path, "wb") as dst:
+        dst.write(src.read())
 
 
 def fetch(dest: str) -> str:
@@ -318,7 +319,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         write_jsonl_gz(os.path.join(args.out, "corpus_train.jsonl.gz"), train)
         write_jsonl_gz(os.path.join(args.out, "corpus_validation.jsonl.gz"), val)
-        extract_license(source, os.path.join(args.out, "LICENSE-PSF.txt"))
+        copy_license(source, os.path.join(args.out, "LICENSE-PSF.txt"))
     train_tokenizer([d["text"] for d in train], args.vocab_size, args.out)
     for name in sorted(os.listdir(args.out)):
         logger.info("%-28s %9d bytes", name, os.path.getsize(os.path.join(args.out, name)))
