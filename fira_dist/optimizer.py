@@ -175,6 +175,9 @@ class Fira(torch.optim.Optimizer):
                 if isinstance(val, torch.Tensor) else val
                 for key, val in v.items()
             }
+        after_load = getattr(self.layout, "after_load_state_dict", None)
+        if after_load is not None:  # a distributed layout moves the loaded state where it lives (may be collective)
+            after_load()
 
     def _name_of(self, p: torch.Tensor) -> str:
         for group in self.param_groups:
