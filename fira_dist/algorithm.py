@@ -78,9 +78,10 @@ def scaling_and_residual_sq(
     G (m, n) in the low-rank dtype; R, N (m, k) or (k, n). No collectives.
     """
     ax = _axis(side)
-    r_sq = R.square().sum(dim=ax, keepdim=True)  # (m,1) / (1,n)
-    phi = torch.linalg.vector_norm(N, dim=ax, keepdim=True) / (r_sq.sqrt() + NORM_EPS)
-    g_sq = G.square().sum(dim=ax, keepdim=True)
+    r_norm = torch.linalg.vector_norm(R, dim=ax, keepdim=True)  # (m,1) / (1,n)
+    phi = torch.linalg.vector_norm(N, dim=ax, keepdim=True) / (r_norm + NORM_EPS)
+    r_sq = r_norm.square()
+    g_sq = torch.linalg.vector_norm(G, dim=ax, keepdim=True).square()  # no (m, n) temporary
     res = (g_sq - (2.0 * beta - beta * beta) * r_sq).clamp_(min=0.0)
     return phi, (phi.square() * res).sum()
 
