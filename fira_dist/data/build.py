@@ -36,7 +36,6 @@ import html.parser
 import json
 import logging
 import os
-import re
 import subprocess
 import tempfile
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import glob as _glob
 import hashlib
 import itertools
-import json
 import logging
 import os
 from collections import deque
