@@ -71,17 +71,21 @@ def residual_coefficient(o: GroupOptions) -> float:
 
 
 def scaling_and_residual_sq(
-    G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, side: str, beta: float
+    G: torch.Tensor | None, R: torch.Tensor, N: torch.Tensor, side: str, beta: float,
+    g_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """phi (m, 1) or (1, n) and the local part of ||S||^2 (0-d), for the rows/columns this process holds.
 
-    G (m, n) in the low-rank dtype; R, N (m, k) or (k, n). No collectives.
+    G (m, n) in the low-rank dtype; R, N (m, k) or (k, n). No collectives. g_sq: the squared norms of G along
+    the projected dimension ((m, 1) / (1, n)) when the caller has them instead of G (a column-sharded left
+    projection sums them across ranks); G is then not read.
     """
     ax = _axis(side)
     r_norm = torch.linalg.vector_norm(R, dim=ax, keepdim=True)  # (m,1) / (1,n)
     phi = torch.linalg.vector_norm(N, dim=ax, keepdim=True) / (r_norm + NORM_EPS)
     r_sq = r_norm.square()
-    g_sq = torch.linalg.vector_norm(G, dim=ax, keepdim=True).square()  # no (m, n) temporary
+    if g_sq is None:
+        g_sq = torch.linalg.vector_norm(G, dim=ax, keepdim=True).square()  # no (m, n) temporary
     res = (g_sq - (2.0 * beta - beta * beta) * r_sq).clamp_(min=0.0)
     return phi, (phi.square() * res).sum()
 
