@@ -53,10 +53,6 @@ def zero_block(stage: int) -> dict:
             "contiguous_gradients": True,
             "overlap_comm": True,
             "reduce_bucket_size": _BUCKET,
-            "stage3_prefetch_bucket_size": _BUCKET,
-            "stage3_param_persistence_threshold": 1_000_000,
-            "stage3_max_live_parameters": 1_000_000_000,
-            "stage3_max_reuse_distance": 1_000_000_000,
             "stage3_gather_16bit_weights_on_model_save": True,
         }
     raise ValueError(f"ZeRO stage {stage!r} is not accepted; expected one of {STAGES}")
