@@ -3,7 +3,8 @@
     save: train steps [0, K), dcp.save, train [K, N) (the uninterrupted run); then build a FRESH model and
           optimizer in this process, dcp.load the step-K checkpoint and train [K, N) again (the resumed run).
           Writes both runs' losses and final parameters.
-    load: (any world size, any layout) fresh model and optimizer, dcp.load the checkpoint, train [K, N).
+    load: (any world size) for each --from CKPT:LAYOUT, a fresh model and optimizer under LAYOUT, dcp.load the
+          checkpoint (saved under either layout), train [K, N). Results keyed by "CKPT:LAYOUT".
 
 Model and optimizer state go through get_/set_model_state_dict and get_/set_optimizer_state_dict with
 flatten_optimizer_state_dict=True (keyed by parameter name, so the checkpoint survives a change of world size).
@@ -75,9 +76,10 @@ def full_params(model) -> dict[str, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["save", "load"])
-    ap.add_argument("ckpt")
     ap.add_argument("out")
-    ap.add_argument("--layout", choices=["replicated", "row_sharded"], required=True)
+    ap.add_argument("--ckpt", help="save: where to write the checkpoint")
+    ap.add_argument("--layout", choices=["replicated", "row_sharded"], help="save: the layout")
+    ap.add_argument("--from", dest="sources", action="append", default=[], help="load: CKPT:LAYOUT (repeatable)")
     ap.add_argument("--at", type=int, default=12)
     ap.add_argument("--steps", type=int, default=22)
     args = ap.parse_args()
@@ -92,14 +94,17 @@ def main() -> None:
         result["losses"] = train(model, fwd, opt, data[args.at:], rank, world)
         result["params"] = full_params(model)
         del model, fwd, opt
-    model, fwd, opt = build(args.layout, cfg)
-    load(model, opt, args.ckpt)
-    key = "resumed_" if args.mode == "save" else ""
-    result[key + "losses"] = train(model, fwd, opt, data[args.at:], rank, world)
-    result[key + "params"] = full_params(model)
-    result["state_keys"] = [None] * world
-    dist.all_gather_object(result["state_keys"], sorted((k, tuple(sorted(v))) for k, v in
-                                                         get_optimizer_state_dict(model, opt)["state"].items()))
+        sources = [(args.ckpt, args.layout, "resumed")]
+    else:
+        sources = [(*src.rsplit(":", 1), src) for src in args.sources]
+    for ckpt, layout, key in sources:
+        model, fwd, opt = build(layout, cfg)
+        load(model, opt, ckpt)
+        keys = sorted((k, tuple(sorted(v))) for k, v in get_optimizer_state_dict(model, opt)["state"].items())
+        all_keys = [None] * world
+        dist.all_gather_object(all_keys, keys)
+        result[key] = {"losses": train(model, fwd, opt, data[args.at:], rank, world), "params": full_params(model),
+                       "state_keys": all_keys}
     if rank == 0:
         torch.save(result, args.out)
     dist.barrier()

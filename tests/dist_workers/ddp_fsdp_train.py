@@ -15,6 +15,8 @@ import argparse
 import torch
 import torch.distributed as dist
 
+from fira_dist.layouts.replicated import svd_flops
+
 from dist_workers.ddp_fsdp_common import RunConfig, batches, init_dist, loss_of, make_optimizer, micro_batch, tiny_llama
 
 
@@ -64,7 +66,8 @@ def main() -> None:
     dist.all_gather_object(info, mine)
     if rank == 0:
         torch.save({"losses": losses, "params": params, "ranks": info,
-                    "state_total": opt.layout.state_bytes_total(), "state_max_single": opt.layout.state_bytes_max()},
+                    "state_total": opt.layout.state_bytes_total(), "state_max_single": opt.layout.state_bytes_max(),
+                    "svd_flops_max_single": max(svd_flops(e.shape) for e in opt.layout.entries if e.low_rank)},
                    args.out)
     dist.barrier()
     dist.destroy_process_group()
