@@ -1,0 +1,210 @@
+"""Convergence evidence: AdamW (full rank) vs GaLore vs Fira on the same small LLaMA, same token budget.
+
+Every run is a real `fira-dist pretrain` process (python -m fira_dist.pretrain), so what is measured is
+what users run. Single-process runs for each optimizer and seed; with --distributed also Fira under
+DeepSpeed ZeRO-2 and FSDP2 with 2 processes on the same global batch (micro-batch halved per rank).
+
+    python benchmarks/convergence.py                       # defaults below, ~1 h on 2 CPU cores
+    python benchmarks/convergence.py --smoke               # seconds: a tiny model, 1 seed, for the tests
+    python benchmarks/convergence.py --data 'my/*.txt'     # any local text instead of the embedded corpus
+
+Writes to --out (default results/convergence): runs/<name>/ (each run's metrics), results.json,
+results.md (the table) and val_loss.png (validation loss against tokens), and prints the table.
+Rank ratio as the paper (LLaMA-60M: rank 128 of hidden 512, i.e. hidden/4), alpha 0.25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_one(name: str, args: argparse.Namespace, optimizer: str, lr: float, seed: int, strategy: str,
+            out: Path) -> dict:
+    """One pretraining run; returns its summary.json plus the eval curve from metrics.jsonl."""
+    run_dir = out / "runs" / name
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists() and not args.fresh:  # finished earlier: reuse (delete the folder to redo)
+        return load_run(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    nproc = 1 if strategy == "single" else 2
+    flags = [
+        "--model", args.model, "--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed),
+        "--max-steps", str(args.steps), "--warmup-steps", str(max(1, args.steps // 10)),
+        "--micro-batch-size", str(args.batch // nproc), "--seq-len", str(args.seq_len),
+        "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
+        "--save-every", "0", "--resume", "none", "--no-tensorboard", "--output-dir", str(run_dir),
+        "--strategy", strategy, "--log-every", str(max(1, args.steps // 10)),
+    ]
+    if optimizer != "adamw":
+        flags += ["--rank", str(args.rank), "--alpha", str(args.alpha), "--update-proj-gap", str(args.update_proj_gap)]
+    if args.data:
+        flags += ["--data", args.data]
+    if strategy == "deepspeed":
+        cfg = {"train_micro_batch_size_per_gpu": args.batch // nproc, "gradient_accumulation_steps": 1,
+               "gradient_clipping": 0.0, "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ds_path = run_dir / "ds_config.json"
+        ds_path.write_text(json.dumps(cfg, indent=1))
+        flags += ["--deepspeed", str(ds_path)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "fira_dist.pretrain", *flags]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(free_port()), "-m", "fira_dist.pretrain", *flags]
+    t0 = time.perf_counter()
+    log_path = out / "runs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"run {name} failed with exit code {rc}; see {log_path}")
+    print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return load_run(run_dir)
+
+
+def load_run(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    curve = []
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("kind") == "eval":
+                curve.append((rec["step"] * summary["tokens_per_step"], rec["eval_loss"]))
+    summary["curve"] = curve
+    return summary
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def optimizer_state_bytes(args: argparse.Namespace, optimizer: str) -> int:
+    """Optimizer-state bytes of one process, from the memory estimator (same rules as the optimizer)."""
+    from fira_dist.memory import MemoryConfig, estimate
+    from fira_dist.pretrain.data import load_tokenizer
+
+    cfg = MemoryConfig(model=args.model, optimizer=optimizer, rank=args.rank, strategy="single", world_size=1,
+                       precision="fp32", micro_batch=args.batch, seq_len=args.seq_len,
+                       vocab_size=len(load_tokenizer()))
+    return int(estimate(cfg)["optimizer_states"])
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama_demo")
+    ap.add_argument("--data", help="local text files (default: the embedded corpus)")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=16, help="global sequences per step")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=64, help="projection rank (hidden/4, the paper's ratio at 60M)")
+    ap.add_argument("--alpha", type=float, default=0.25)
+    ap.add_argument("--update-proj-gap", type=int, default=100)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
+                    help="learning rate per optimizer (default adamw=0.002, galore=0.01, fira=0.01)")
+    ap.add_argument("--optimizers", default="adamw,galore,fira")
+    ap.add_argument("--distributed", action="store_true", help="also Fira under DeepSpeed ZeRO-2 and FSDP2, 2 processes")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-batches", type=int, default=0, help="0: the whole validation split")
+    ap.add_argument("--out", default=str(REPO / "results" / "convergence"))
+    ap.add_argument("--fresh", action="store_true", help="rerun runs that already finished in --out")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, 1 seed (for the tests)")
+    args = ap.parse_args(argv)
+    lrs = {"adamw": 0.002, "galore": 0.01, "fira": 0.01}
+    for item in args.lr:
+        opt, _, val = item.partition("=")
+        if opt not in lrs or not val:
+            ap.error(f"--lr {item!r} not accepted; expected OPT=LR with OPT in {sorted(lrs)}")
+        lrs[opt] = float(val)
+    if args.smoke:
+        args.model, args.steps, args.batch, args.seq_len, args.rank = "llama_tiny", 6, 4, 32, 16
+        args.seeds, args.eval_every, args.eval_batches, args.update_proj_gap = 1, 3, 2, 3
+    optimizers = args.optimizers.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    runs: dict[str, list[dict]] = {}
+    plan = [(opt, "single") for opt in optimizers]
+    if args.distributed:
+        plan += [("fira", "deepspeed"), ("fira", "fsdp2")]
+    print(f"{len(plan) * args.seeds} runs of {args.steps} steps x {args.batch} x {args.seq_len} tokens ({args.model})")
+    for opt, strategy in plan:
+        key = opt if strategy == "single" else f"{opt} ({strategy}, 2 procs)"
+        for seed in range(args.seeds):
+            name = f"{opt}-{strategy}-s{seed}"
+            runs.setdefault(key, []).append(run_one(name, args, opt, lrs[opt], seed, strategy, out))
+
+    rows = []
+    for key, rs in runs.items():
+        opt = key.split(" ")[0]
+        final = [r["eval_last"]["eval_loss"] for r in rs]
+        m, s = mean_std(final)
+        rows.append({"config": key, "lr": lrs[opt], "seeds": len(rs), "val_loss_mean": m, "val_loss_std": s,
+                     "val_ppl_mean": statistics.fmean(math.exp(x) for x in final),
+                     "tokens": rs[0]["tokens"], "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in rs),
+                     "optimizer_state_bytes": optimizer_state_bytes(args, opt), "final_losses": final})
+    table = ["| optimizer | lr | seeds | final val loss (mean +- std) | val perplexity | optimizer state | tokens | tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['config']} | {r['lr']:g} | {r['seeds']} | {r['val_loss_mean']:.4f} +- {r['val_loss_std']:.4f} "
+                     f"| {r['val_ppl_mean']:.2f} | {r['optimizer_state_bytes'] / 2**20:.2f} MiB | {r['tokens']:,} "
+                     f"| {r['tokens_per_s']:,.0f} |")
+    header = (f"model {args.model}, {args.steps} steps x {args.batch} seqs x {args.seq_len} tokens, rank {args.rank}, "
+              f"alpha {args.alpha}, update_proj_gap {args.update_proj_gap}, data {args.data or 'embedded corpus'}")
+    text = header + "\n\n" + "\n".join(table)
+    print(text)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), "rows": rows,
+                                                  "curves": {k: [r["curve"] for r in rs] for k, rs in runs.items()}},
+                                                 indent=1))
+    plot(runs, out / "val_loss.png", header)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss.png'}")
+    return 0
+
+
+def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, rs in runs.items():
+        n = min(len(r["curve"]) for r in rs)
+        xs = [rs[0]["curve"][i][0] for i in range(n)]
+        ys = [statistics.fmean(r["curve"][i][1] for r in rs) for i in range(n)]
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{key} (mean of {len(rs)})")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
