@@ -150,6 +150,10 @@ class RowSharded(SingleProcess):
         sig = tuple((id(p), tuple(p.shape), self.opt.param_groups[gi].get("rank"),
                      self.opt.param_groups[gi].get("proj_type")) for gi, _, p in items)
         if sig == self._signature:
+            # Same parameters: only re-read the group options, so that edits of param_groups (an lr schedule)
+            # apply at the next step, as with the other layouts. Entries are in the order of ``items``.
+            for e, (gi, _, _) in zip(self.entries, items):
+                e.opts = self.opt.group_options(gi)
             return
         entries = []
         for gi, i, p in items:

@@ -1205,7 +1205,7 @@ def format_summary(s: dict[str, Any]) -> str:
              f"model        {s['model']} ({s['params'] / 1e6:.2f}M params), {opt}, {strat} x {s['world_size']} "
              f"rank(s), {'bf16' if s['bf16'] else 'fp32'}",
              f"steps        {s['start_step']} -> {s['end_step']} of {s['max_steps']} ({s['skipped_steps']} skipped "
-             f"in total), {s['tokens'] / 1e6:.2f}M tokens seen, {s['wall_s']:.0f} s this run"]
+             f"in total), {s['tokens']:,} tokens seen, {s['wall_s']:.0f} s this run"]
     if s["loss_first"] is not None:
         lines.append(f"train loss   {s['loss_first']:.4f} (first step of this run) -> {s['loss_last']:.4f} (mean of "
                      f"the last {s['loss_last_n']} steps)")
@@ -1270,6 +1270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     setup_logging(launch.rank, args.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if launch.rank != 0 or not sys.stderr.isatty():
+        import datasets
+
+        datasets.disable_progress_bars()  # readable logs: no tokenizing bars from every rank
     try:
         plan = resolve(args, _explicit_flags(argv), launch)
         if plan.dry_run:
