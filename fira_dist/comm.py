@@ -2,8 +2,9 @@
 
 Byte convention (per rank, payload only): all_reduce counts the tensor's bytes; all_gather_into_tensor
 counts the output's bytes; reduce_scatter_tensor counts the input's bytes; broadcast counts the tensor's
-bytes on every rank. ``stats()`` reports the last completed step and the running total, so a layout's
-docstring formula can be checked against a measurement.
+bytes on every rank; all_to_all_single counts the bytes a rank sends to the other ranks. ``stats()``
+reports the last completed step and the running total, so a layout's docstring formula can be checked
+against a measurement.
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ class Comm:
         else:
             outs[0].copy_(inp)
         return outs
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int],
+                          in_splits: list[int]) -> torch.Tensor:
+        """Rank i sends inp's i-th chunk (in_splits[i] elements) to rank i and receives out_splits[j] from rank j.
+
+        Counts the bytes this rank sends to other ranks (its own chunk stays local).
+        """
+        if self.world_size > 1:
+            n = (sum(in_splits) - in_splits[self.rank]) * inp.element_size()
+            self._current["all_to_all"] += n
+            self.total_bytes += n
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+        else:
+            out.copy_(inp)
+        return out
 
     def end_step(self) -> None:
         self._last = dict(self._current)

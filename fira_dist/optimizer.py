@@ -218,8 +218,10 @@ class Fira(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.layout.step(self.tasks())
-        self.global_step += 1
+        # A layout that sees something other than whole parameters (DeepSpeed ZeRO's flat partitions) builds
+        # its own tasks, and counts engine steps itself (ZeRO calls step() once per group or sub-group).
+        self.layout.step(self.layout.tasks() if hasattr(self.layout, "tasks") else self.tasks())
+        self.global_step = getattr(self.layout, "engine_step", self.global_step + 1)
         return loss
 
     def comm_stats(self) -> dict[str, Any]:

@@ -22,11 +22,18 @@ def lowrank_state_numel(shape: Sequence[int], rank: int, side: str) -> int:
     return a * b + 2 * c * d + 1
 
 
-def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
-    """owner[i] in [0, world_size) for each cost, by greedy LPT. Pure function of its arguments."""
+def assign_owners(costs: Sequence[float], world_size: int, initial_loads: Sequence[float] | None = None) -> list[int]:
+    """owner[i] in [0, world_size) for each cost, by greedy LPT. Pure function of its arguments.
+
+    initial_loads: what each rank already holds (e.g. its share of elementwise Adam state); the bound
+    max load <= (sum(initial_loads) + sum(costs)) / W + max(costs) still holds when no initial load alone
+    exceeds it.
+    """
     if world_size < 1:
         raise ValueError(f"world_size={world_size!r} is not accepted; expected an integer >= 1")
-    loads = [0.0] * world_size
+    loads = [0.0] * world_size if initial_loads is None else [float(x) for x in initial_loads]
+    if len(loads) != world_size:
+        raise ValueError(f"initial_loads has {len(loads)} entries; expected world_size={world_size}")
     owner = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
         r = min(range(world_size), key=lambda q: (loads[q], q))
