@@ -97,8 +97,12 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON=$PYTHON not found: activate 
 # One host, or NO_SSH: the launcher starts the local ranks itself (no ssh check). Several hosts: the backend.
 LOCAL_ONLY=0
 if (( NODES == 1 )) || [[ $NO_SSH == 1 ]]; then LOCAL_ONLY=1; fi
-DS=("$PYTHON" -u -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NODES" --num_gpus "$GPUS_PER_NODE"
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+DS=("$PYTHON" -u -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+# trim the hostfile only when asked to (the slurm backend turns --num_gpus into `srun --gpus-per-node`)
+(( NODES < ${#HOSTS[@]} )) && DS+=(--num_nodes "$NODES")
+for ((i = 0; i < NODES; i++)); do
+  if (( GPUS_PER_NODE < SLOTS[i] )); then DS+=(--num_gpus "$GPUS_PER_NODE"); break; fi
+done
 if [[ $NO_SSH == 1 ]]; then
   DS+=(--no_ssh --node_rank "$NODE_RANK")
 elif (( LOCAL_ONLY )); then
@@ -114,6 +118,7 @@ ARGS=(--model "$MODEL" --strategy deepspeed --deepspeed "$DS_CONFIG" --output-di
       "${_data[@]}" "${_extra[@]}" "$@")
 CMD=("${DS[@]}" "$ENTRY" "${ARGS[@]}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export MASTER_ADDR MASTER_PORT  # the slurm / MPI backends start the ranks with this environment
 echo "[launch] $NAME: MODEL=$MODEL DS_CONFIG=$DS_CONFIG NODES=$NODES GPUS_PER_NODE=$GPUS_PER_NODE" \
      "MASTER=$MASTER_ADDR:$MASTER_PORT LAUNCHER=$( ((LOCAL_ONLY)) && echo local || echo "$LAUNCHER") OUTPUT_DIR=$OUTPUT_DIR"
 echo "[launch] ${CMD[*]}"
