@@ -118,6 +118,8 @@ def worker(layout: str, out: str) -> None:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)  # skip interpreter finalization: gloo's threads can abort it (pytorch/pytorch#179291)
 
 
 def launch(layout: str, world: int) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dist_workers.ddp_fsdp_common import assert_matches, check_state_and_svd
-from dist_workers.ddp_fsdp_launch import launch, single_reference, two_matrices_reference
+from dist_workers.ddp_fsdp_launch import suite, single_reference, two_matrices_reference
 
 N_MATRICES_WITH_GRAD = 2 * 7 + 1  # q k v o gate up down per layer, lm_head (unused_proj has no gradient)
 N_REFRESH = 4  # steps 0, 10, 20, 30 of 32
@@ -51,7 +51,7 @@ def test_row_sharded_needs_dtensor_parameters():
 def test_ddp_matches_single_process(world):
     """DDP (micro-batches, gradients averaged by DDP) + replicated layout == one process, within rtol 1e-4."""
     ref = single_reference()
-    run = launch("ddp_fsdp_train.py", world, "--layout", "replicated", "--grads", "ddp", "--auto")
+    run = suite(world)["train:replicated:ddp"]
     worst = assert_matches(ref, run, bitwise=False, what=f"DDP W={world}")
     print(f"DDP W={world}: {worst}; min spectral gap at the rank cut {ref['min_spectral_gap']:.3g}")
     assert ref["min_spectral_gap"] > 1e-3  # the data has a clear gap: see test_fsdp2.py for why it matters
@@ -63,14 +63,14 @@ def test_ddp_matches_single_process(world):
 def test_replicated_is_bitwise_with_identical_gradients():
     """Every rank computes the whole global batch (so every rank has exactly one process's gradient): the
     owners run the single-process code on the same numbers, so the result is bitwise the same."""
-    run = launch("ddp_fsdp_train.py", 3, "--layout", "replicated", "--grads", "exact")
+    run = suite(3)["train:replicated:exact"]
     assert_matches(single_reference(), run, bitwise=True, what="replicated W=3, identical gradients")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_state_and_svd_are_split(world):
-    run = launch("ddp_fsdp_train.py", world, "--layout", "replicated", "--grads", "ddp", "--auto")
+    run = suite(world)["train:replicated:ddp"]
     print("\n".join(check_state_and_svd(run, world, N_MATRICES_WITH_GRAD * N_REFRESH)))
     # owner-computes: each state tensor lives on exactly one rank
     assert sum(r["state_bytes"] for r in run["ranks"]) == run["state_total"]
@@ -82,7 +82,7 @@ def test_ddp_state_and_svd_are_split(world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_comm_bytes_equal_formula(world):
     """Measured bytes per step == Replicated's docstring formula (one padded all-gather of parameter values)."""
-    run = launch("ddp_fsdp_train.py", world, "--layout", "replicated", "--grads", "ddp", "--auto")
+    run = suite(world)["train:replicated:ddp"]
     ref = single_reference()
     numel = sum(p.numel() for p in ref["params"].values())
     for r in run["ranks"]:
@@ -98,7 +98,7 @@ def test_a_rank_that_owns_nothing():
     """Two matrices, three ranks: under the replicated layout rank 2 holds no state and computes no SVD; under
     FSDP2 it holds no row of the (2, 20) matrix and owns no SVD. Both still match one process."""
     ref = two_matrices_reference()
-    run = launch("ddp_fsdp_two_matrices.py", 3)
+    run = suite(3)["two"]
     rep, fs = run["replicated"], run["row_sharded"]
     assert [r["layout"] for r in rep["ranks"]] == ["Replicated"] * 3
     assert [r["layout"] for r in fs["ranks"]] == ["RowSharded"] * 3

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from dist_workers.ddp_fsdp_common import assert_matches, check_state_and_svd
-from dist_workers.ddp_fsdp_launch import launch, single_reference
+from dist_workers.ddp_fsdp_launch import suite, single_reference
 
 N_MATRICES_WITH_GRAD = 2 * 7 + 1
 N_REFRESH = 4
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_matches_single_process(world):
     ref = single_reference()
-    run = launch("ddp_fsdp_train.py", world, "--layout", "row_sharded", "--auto")
+    run = suite(world)["train:row_sharded:fsdp"]
     worst = assert_matches(ref, run, bitwise=False, what=f"FSDP2 W={world}")
     print(f"FSDP2 W={world}: {worst}; min spectral gap at the rank cut {ref['min_spectral_gap']:.3g}")
     assert ref["min_spectral_gap"] > 1e-3
@@ -39,7 +39,7 @@ def test_fsdp2_matches_single_process(world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_state_and_svd_are_split(world):
-    run = launch("ddp_fsdp_train.py", world, "--layout", "row_sharded", "--auto")
+    run = suite(world)["train:row_sharded:fsdp"]
     print("\n".join(check_state_and_svd(run, world, N_MATRICES_WITH_GRAD * N_REFRESH)))
     keys = [r["state_keys"] for r in run["ranks"]]
     assert all(k == keys[0] for k in keys), "every rank must have the same state keys"
@@ -49,7 +49,7 @@ def test_fsdp2_state_and_svd_are_split(world):
 def test_fsdp2_comm_bytes_equal_formula(world):
     """Measured bytes per step == RowSharded's docstring formula, on refresh steps (all-to-alls to and from the
     SVD owners) and on ordinary steps."""
-    run = launch("ddp_fsdp_train.py", world, "--layout", "row_sharded", "--auto")
+    run = suite(world)["train:row_sharded:fsdp"]
     for r in run["ranks"]:
         assert r["measured"] == r["expected"], r
         plain = {b for i, b in enumerate(r["measured"]) if i % 10}
