@@ -6,8 +6,8 @@
 #   NO_SSH=1 NODE_RANK=$i HOSTFILE=hosts launch/deepspeed_multinode.sh   # run on every node yourself (no ssh)
 #   CPU, one node, toy size:
 #     printf 'localhost slots=2\n' > /tmp/hosts
-#     DS_ACCELERATOR=cpu HOSTFILE=/tmp/hosts MODEL=llama_tiny DS_CONFIG=ds_configs/zero2_fira_bf16.json \
-#       EXTRA_ARGS="--max-steps 3" launch/deepspeed_multinode.sh
+#     DS_ACCELERATOR=cpu HOSTFILE=/tmp/hosts MODEL=llama_tiny DS_CONFIG=ds_configs/llama_60m_zero2.json \
+#       EXTRA_ARGS="--max-steps 3 --seq-len 16" launch/deepspeed_multinode.sh
 #
 # A hostfile has one line per node: "<host> slots=<GPUs>" (launch/hostfile.example). What a real multi-node
 # run needs depends on LAUNCHER (the deepspeed launcher's backend):
@@ -86,7 +86,7 @@ MODEL_TAG=$(basename "${MODEL%.json}")
 if [[ -z $DS_CONFIG ]]; then
   [[ $ZERO_STAGE =~ ^[0-3]$ ]] || die "ZERO_STAGE=$ZERO_STAGE is not accepted: expected 0, 1, 2 or 3"
   DS_CONFIG=ds_configs/${MODEL_TAG}_zero${ZERO_STAGE}.json
-  [[ -f $DS_CONFIG ]] || die "no per-size DeepSpeed config $DS_CONFIG for MODEL=$MODEL: set DS_CONFIG (e.g. ds_configs/zero2_fira_bf16.json)"
+  [[ -f $DS_CONFIG ]] || die "no per-size DeepSpeed config $DS_CONFIG for MODEL=$MODEL: set DS_CONFIG (e.g. DS_CONFIG=ds_configs/llama_60m_zero2.json with a small model)"
 fi
 [[ -f $DS_CONFIG ]] || die "DS_CONFIG=$DS_CONFIG: no such file (run from the repository root, or give an absolute path)"
 OUTPUT_DIR=${OUTPUT_DIR:-runs/${MODEL_TAG}-deepspeed}

@@ -5,8 +5,8 @@
 #
 #   GPUS_PER_NODE=8 MODEL=llama_1b launch/mpirun.sh                          # one node
 #   HOSTFILE=launch/hostfile.example NODES=8 GPUS_PER_NODE=8 launch/mpirun.sh   # several nodes
-#   CPU, toy size:  DS_ACCELERATOR=cpu GPUS_PER_NODE=2 MODEL=llama_tiny DS_CONFIG=ds_configs/zero2_fira_bf16.json \
-#                   EXTRA_ARGS="--max-steps 3" launch/mpirun.sh
+#   CPU, toy size:  DS_ACCELERATOR=cpu GPUS_PER_NODE=2 MODEL=llama_tiny DS_CONFIG=ds_configs/llama_60m_zero2.json \
+#                   EXTRA_ARGS="--max-steps 3 --seq-len 16" launch/mpirun.sh
 #
 # Works with MPICH / Hydra (e.g. pip `mpich`; the whole environment is passed on) and Open MPI (variables
 # are passed with -x: PATH, PYTHONPATH, LD_LIBRARY_PATH, VIRTUAL_ENV, MASTER_*, OMP_*, DS_*, NCCL_*, CUDA_*,
@@ -71,7 +71,7 @@ case $STRATEGY in
     if [[ -z $DS_CONFIG ]]; then
       [[ $ZERO_STAGE =~ ^[0-3]$ ]] || die "ZERO_STAGE=$ZERO_STAGE is not accepted: expected 0, 1, 2 or 3"
       DS_CONFIG=ds_configs/${MODEL_TAG}_zero${ZERO_STAGE}.json
-      [[ -f $DS_CONFIG ]] || die "no per-size DeepSpeed config $DS_CONFIG for MODEL=$MODEL: set DS_CONFIG (e.g. ds_configs/zero2_fira_bf16.json)"
+      [[ -f $DS_CONFIG ]] || die "no per-size DeepSpeed config $DS_CONFIG for MODEL=$MODEL: set DS_CONFIG (e.g. DS_CONFIG=ds_configs/llama_60m_zero2.json with a small model)"
     fi
     [[ -f $DS_CONFIG ]] || die "DS_CONFIG=$DS_CONFIG: no such file (run from the repository root, or give an absolute path)";;
   ddp|fsdp2) DS_CONFIG=;;

@@ -4,8 +4,8 @@
 #   launch/torchrun_single_node.sh [extra pretrain flags...]
 #   MODEL=llama_130m GPUS_PER_NODE=8 ZERO_STAGE=1 launch/torchrun_single_node.sh
 #   STRATEGY=fsdp2 MODEL=llama_350m launch/torchrun_single_node.sh --max-steps 1000
-#   CPU, toy size:  DS_ACCELERATOR=cpu GPUS_PER_NODE=2 MODEL=llama_tiny DS_CONFIG=ds_configs/zero2_fira_bf16.json \
-#                   EXTRA_ARGS="--max-steps 3" launch/torchrun_single_node.sh
+#   CPU, toy size:  DS_ACCELERATOR=cpu GPUS_PER_NODE=2 MODEL=llama_tiny DS_CONFIG=ds_configs/llama_60m_zero2.json \
+#                   EXTRA_ARGS="--max-steps 3 --seq-len 16" launch/torchrun_single_node.sh
 #
 # Run it from the repository root (relative paths are relative to the current directory). Every variable
 # below can be set in the environment; arguments after the script name are appended to the pretrain flags.
@@ -49,7 +49,7 @@ case $STRATEGY in
     if [[ -z $DS_CONFIG ]]; then
       [[ $ZERO_STAGE =~ ^[0-3]$ ]] || die "ZERO_STAGE=$ZERO_STAGE is not accepted: expected 0, 1, 2 or 3"
       DS_CONFIG=ds_configs/${MODEL_TAG}_zero${ZERO_STAGE}.json
-      [[ -f $DS_CONFIG ]] || die "no per-size DeepSpeed config $DS_CONFIG for MODEL=$MODEL: set DS_CONFIG (e.g. ds_configs/zero2_fira_bf16.json)"
+      [[ -f $DS_CONFIG ]] || die "no per-size DeepSpeed config $DS_CONFIG for MODEL=$MODEL: set DS_CONFIG (e.g. DS_CONFIG=ds_configs/llama_60m_zero2.json with a small model)"
     fi
     [[ -f $DS_CONFIG ]] || die "DS_CONFIG=$DS_CONFIG: no such file (run from the repository root, or give an absolute path)";;
   ddp|fsdp2) [[ -z $DS_CONFIG ]] || echo "$NAME: note: DS_CONFIG=$DS_CONFIG is ignored with STRATEGY=$STRATEGY" >&2; DS_CONFIG=;;
