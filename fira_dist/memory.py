@@ -120,6 +120,9 @@ class MemoryConfig:
         if self.strategy.startswith("zero") and self.precision == "bf16-pure":
             raise ValueError(f"precision='bf16-pure' is not accepted with strategy={self.strategy!r}: DeepSpeed "
                              "keeps fp32 master weights; use 'bf16-mixed' or 'fp32'")
+        if self.strategy.startswith("zero") and self.state_dtype == "bf16":
+            raise ValueError(f"state_dtype='bf16' is not accepted with strategy={self.strategy!r}: under DeepSpeed the "
+                             "optimizer updates fp32 partitions and keeps fp32 state")
         self.target_modules = tuple(self.target_modules)
 
     def replace(self, **kw: Any) -> "MemoryConfig":
@@ -278,6 +281,8 @@ def _dtypes(cfg: MemoryConfig) -> dict[str, int]:
 
 
 def _state_bytes(cfg: MemoryConfig, dt: dict[str, Any]) -> int:
+    if cfg.strategy.startswith("zero"):
+        return 4  # the optimizer updates DeepSpeed's fp32 flat partitions
     if cfg.state_dtype is not None:
         return _bytes(cfg.state_dtype)
     return 4 if cfg.optimizer in ("fira", "galore") else dt["o"]
@@ -311,7 +316,7 @@ def zero3_partition_numel(numel: int, world_size: int) -> int:
 
 
 def lowrank_owners(info: ModelInfo, rank: int, proj_type: str, world_size: int, state_bytes: int = 4) -> list[int]:
-    """Owner of each low-rank matrix (in ``info.lowrank()`` order) under the owner-computes layouts."""
+    """Owner of each low-rank matrix (in ``info.lowrank()`` order) under ``Replicated`` (DDP)."""
     owners = replicated_owners(info, rank, proj_type, world_size, state_bytes)
     return [owners[i] for g in info.groups for i in g if info.params[i].low_rank]
 
@@ -350,16 +355,22 @@ def _lowrank_parts(shape: tuple[int, int], rank: int, proj_type: str) -> tuple[i
 
 def optimizer_state(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, int]:
     """Bytes of rank ``r``'s optimizer state tensors: projectors, moments (exp_avg + exp_avg_sq), scalars
-    (0-d ``step`` tensors, fp32, and Fira's per-matrix limiter norm, fp32).
+    (0-d fp32 tensors: ``step`` per state entry, Fira's ``limiter_norm`` per matrix).
 
-    The placement rules are those of each layout (see the module docstring); torch.optim.AdamW for
-    ``adamw`` (one ``step`` per parameter it updates, moments ``zeros_like`` the updated tensor).
+    adamw: torch.optim.AdamW (one step per tensor it updates, moments ``zeros_like`` it). Fira/GaLore, per layout:
+      single      every matrix: projector + moments + step + limiter; Adam tensors: moments + step.
+      ddp         ``Replicated``: each parameter's state on its owner (``replicated_owners``), 0-element
+                  placeholders elsewhere.
+      zero1/2/3   ``FlatPartition``: a matrix's whole state on its owner (``flat_partition_plan``); Adam state
+                  for the piece of each non-matrix parameter this rank's flat partition holds.
+      fsdp2       ``RowSharded``: moments by G's rows (right) / columns (left), projector by its rows (Q (k, n)
+                  or P (m, k)), both with torch.chunk semantics; step and limiter on every rank; Adam moments
+                  by the parameter's rows.
     """
     dt = _dtypes(cfg)
     sb = _state_bytes(cfg, dt)
     rank = _rank(info, cfg)
     W, s = cfg.world_size, cfg.strategy
-    proj = mom = scal = 0
     if cfg.optimizer == "adamw":
         if s in ("single", "ddp"):
             return {"projectors": 0, "moments": 2 * info.numel * sb, "scalars": 4 * len(info.params)}
@@ -368,48 +379,118 @@ def optimizer_state(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, int
             return {"projectors": 0, "moments": 2 * rows * sb, "scalars": 4 * len(info.params)}
         flats = _flat_partitions(info, cfg)
         return {"projectors": 0, "moments": 2 * sum(flats) * sb, "scalars": 4 * len(flats)}
-    # Fira / GaLore: plain-Adam tensors + low-rank matrices
-    mats = info.lowrank()
-    adam = [p for p in info.params if not p.low_rank]
-    if s == "single":
-        owned = mats
-    elif s == "ddp":  # owner-computes for every parameter; 0-element placeholders elsewhere
-        owner = replicated_owners(info, rank, cfg.proj_type, W, sb)
-        owned = [info.params[i] for i in owner if owner[i] == r and info.params[i].low_rank]
-        adam = [info.params[i] for i in owner if owner[i] == r and not info.params[i].low_rank]
-    elif s.startswith("zero"):
-        owners = lowrank_owners(info, rank, cfg.proj_type, W, sb)
-        owned = [p for p, o in zip(mats, owners) if o == r]
-    else:
-        owned = []
-    for p in owned:
-        pn, mn = _lowrank_parts(p.shape, rank, cfg.proj_type)
-        proj += pn * sb
-        mom += 2 * mn * sb
-        scal += 8  # step + limiter_norm
+    proj = mom = scal = 0
     if s in ("single", "ddp"):
-        mom += 2 * sum(p.numel for p in adam) * sb
-        scal += 4 * len(adam)
-    elif s == "fsdp2":
-        for p in adam:
-            mom += 2 * fsdp2_rows(p.shape[0], W, r) * (p.numel // p.shape[0]) * sb
-            scal += 4
-        for p in mats:  # row-sharded: moments follow G's rows (right) / columns (left); projector see below
-            side = side_for(p.shape, cfg.proj_type)
-            k = effective_rank(p.shape, rank)
-            m, n = p.shape
-            if side == "right":
-                mom += 2 * fsdp2_rows(m, W, r) * k * sb
-                proj += k * n * sb  # Q (k, n): replicated
+        if s == "single":
+            mine = range(len(info.params))
+        else:
+            owner = replicated_owners(info, rank, cfg.proj_type, W, sb)
+            mine = [i for i in owner if owner[i] == r]
+        for i in mine:
+            p = info.params[i]
+            if p.low_rank:
+                pn, mn = _lowrank_parts(p.shape, rank, cfg.proj_type)
+                proj, mom, scal = proj + pn * sb, mom + 2 * mn * sb, scal + 8
             else:
-                mom += 2 * k * fsdp2_rows(n, W, r) * sb
-                proj += fsdp2_rows(m, W, r) * k * sb  # P (m, k): the rows of this rank's shard
-            scal += 8
-    else:  # flat partitions: plain Adam on this rank's slice of the non-low-rank group(s)
-        flats = _flat_partitions(info, cfg, groups=[g for g in info.groups if not _is_lowrank_group(info, g)])
-        mom += 2 * sum(flats) * sb
-        scal += 4 * len(flats)
+                mom, scal = mom + 2 * p.numel * sb, scal + 4
+    elif s.startswith("zero"):
+        plan = flat_partition_plan(info, s, W, rank, cfg.proj_type, cfg.zero3_sub_group_size)
+        for i, o in plan.owners.items():
+            if o == r:
+                pn, mn = _lowrank_parts(info.params[i].shape, rank, cfg.proj_type)
+                proj, mom, scal = proj + pn * sb, mom + 2 * mn * sb, scal + 8
+        for length in plan.adam_pieces[r]:
+            mom, scal = mom + 2 * length * sb, scal + 4
+    else:  # fsdp2
+        for p in info.params:
+            if p.low_rank:
+                side = side_for(p.shape, cfg.proj_type)
+                k = effective_rank(p.shape, rank)
+                m, n = p.shape
+                if side == "right":
+                    mom += 2 * fsdp2_rows(m, W, r) * k * sb
+                    proj += fsdp2_rows(k, W, r) * n * sb
+                else:
+                    mom += 2 * k * fsdp2_rows(n, W, r) * sb
+                    proj += fsdp2_rows(m, W, r) * k * sb
+                scal += 8
+            else:
+                mom += 2 * fsdp2_rows(p.shape[0], W, r) * (p.numel // p.shape[0]) * sb
+                scal += 4
     return {"projectors": proj, "moments": mom, "scalars": scal}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatPlan:
+    """What ``layouts.flat_partition.FlatPartition`` does with a model under ZeRO-1/2/3 on W ranks.
+
+    owners: low-rank parameter index -> owner rank. adam_pieces[r]: lengths of the non-matrix pieces rank r
+    holds (one Adam state entry each). buckets: parameter indices per flat tensor (ZeRO-1/2 group, ZeRO-3
+    sub-group). holds[i]: {rank: elements of parameter i in that rank's flat partition}.
+    """
+
+    owners: dict[int, int]
+    adam_pieces: tuple[tuple[int, ...], ...]
+    buckets: tuple[tuple[int, ...], ...]
+    holds: dict[int, dict[int, int]]
+
+
+@functools.lru_cache(maxsize=32)
+def flat_partition_plan(info: ModelInfo, strategy: str, world_size: int, rank: int, proj_type: str,
+                        sub_group_size: int = DS_SUB_GROUP_SIZE) -> FlatPlan:
+    """The pieces and owners of ``FlatPartition._bind_zero12`` / ``_bind_zero3`` + ``_finish_partitioned``.
+
+    ZeRO-1/2: each param group is one flat buffer, parameters end to end at their offsets, cut into W
+    partitions of ``zero12_partition`` elements. ZeRO-3: each parameter is cut into W pieces of
+    ceil(numel / W) (the last ones shorter or empty); sub-groups as ``_flat_partitions``. Owners: greedy LPT
+    (``assign_owners``) of the matrices (in bucket order) on ``lowrank_state_numel + 1``, starting from
+    loads of 2 * length + 1 per Adam piece.
+    """
+    W = world_size
+    buckets: list[tuple[int, ...]] = []
+    holds: dict[int, dict[int, int]] = {}
+    for g in info.groups:
+        if strategy in ("zero1", "zero2"):
+            ps = zero12_partition([info.params[i].numel for i in g], W)[1]
+            off = 0
+            for i in g:
+                n = info.params[i].numel
+                h = {}
+                for q in range(off // ps, (off + n - 1) // ps + 1) if n else ():
+                    length = min(off + n, (q + 1) * ps) - max(off, q * ps)
+                    if length > 0:
+                        h[q] = length
+                holds[i] = h
+                off += n
+            buckets.append(tuple(g))
+        else:
+            cur: list[int] = []
+            acc = 0
+            for i in g:
+                n = info.params[i].numel
+                pn = zero3_partition_numel(n, W)
+                holds[i] = {q: min(pn, n - q * pn) for q in range(W) if n - q * pn > 0} if n else {}
+                cur.append(i)
+                acc += pn
+                if acc >= sub_group_size:
+                    buckets.append(tuple(cur))
+                    cur, acc = [], 0
+            if cur:
+                buckets.append(tuple(cur))
+    loads = [0.0] * W
+    adam: list[list[int]] = [[] for _ in range(W)]
+    mats: list[int] = []
+    for b in buckets:
+        for i in b:
+            if info.params[i].low_rank:
+                mats.append(i)
+            else:
+                for q, length in holds[i].items():
+                    loads[q] += 2 * length + 1
+                    adam[q].append(length)
+    costs = [lowrank_state_numel(info.params[i].shape, rank, side_for(info.params[i].shape, proj_type)) + 1 for i in mats]
+    owners = dict(zip(mats, assign_owners(costs, W, initial_loads=loads)))
+    return FlatPlan(owners, tuple(tuple(a) for a in adam), tuple(buckets), holds)
 
 
 def _rank(info: ModelInfo, cfg: MemoryConfig) -> int:
@@ -556,10 +637,12 @@ def _candidate_ranks(info: ModelInfo, cfg: MemoryConfig) -> list[int]:
         sb = _state_bytes(cfg, _dtypes(cfg))
         loads = [0] * W
         if cfg.strategy == "ddp":
-            for i, o in replicated_owners(info, _rank(info, cfg), cfg.proj_type, W, sb).items():
-                loads[o] += info.params[i].numel
-        for p, o in zip(info.lowrank(), lowrank_owners(info, _rank(info, cfg), cfg.proj_type, W, sb)):
-            loads[o] += lowrank_state_numel(p.shape, _rank(info, cfg), side_for(p.shape, cfg.proj_type))
+            owners = replicated_owners(info, _rank(info, cfg), cfg.proj_type, W, sb)
+        else:
+            owners = flat_partition_plan(info, cfg.strategy, W, _rank(info, cfg), cfg.proj_type,
+                                         cfg.zero3_sub_group_size).owners
+        for i, o in owners.items():
+            loads[o] += info.params[i].numel
         cand.add(max(range(W), key=lambda o: (loads[o], -o)))
     return sorted(cand)
 
@@ -662,11 +745,18 @@ def _largest_unit(info: ModelInfo) -> int:
 def _optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, dt: dict[str, Any]) -> tuple[int, int]:
     """(communication buffers, step temporaries) of the optimizer step on rank r.
 
-    Communication: Replicated (DDP) all-gathers the owners' updated values once per step: a send buffer of
-    L and a receive buffer of W L elements in the weights' dtype, L the largest rank's owned elements.
+    Communication (the layouts' buffers; fp32 unless said):
+      ddp     ``Replicated`` all-gathers the owners' updated values: a send buffer of L and a receive buffer of
+              W L elements in the weights' dtype, L the largest rank's owned elements.
+      zero*   ``FlatPartition``, per flat tensor: the whole gradient and weight of every owned matrix (G, P),
+              the [gradient, weight] pieces sent to and received from the owners, alive together.
+      fsdp2   ``RowSharded``: the prologue all-gather (flags and the right projectors' Q shards: W (2 |E| +
+              sum ceil(k / W) n)), the left matrices' reduce-scatter input (W S) and all-gather (W S), S = sum
+              (k + 1) ceil(n / W); at a refresh the rows of every due gradient to the SVD owners (this rank's
+              rows of all matrices out, the whole owned matrices in). The larger of the two.
     Temporaries (Fira/GaLore, on the largest matrix this rank computes): at a projector refresh
-    torch.linalg.svd of the fp32 gradient (the copy, U, S, Vh); otherwise the fp32 gradient copy and
-    R, N, X (low-rank). AdamW (torch foreach): two temporaries the size of the moments.
+    torch.linalg.svd of the fp32 gradient (the copy, U, S, Vh); otherwise the fp32 gradient copy and R, N, X.
+    AdamW (torch foreach): two temporaries the size of the moments.
     """
     W, s = cfg.world_size, cfg.strategy
     sb = _state_bytes(cfg, dt)
@@ -686,10 +776,36 @@ def _optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, dt: dict[str,
                 loads[o] += info.params[i].numel
             comm = (W + 1) * max(loads) * dt["w"]
     elif s.startswith("zero"):
-        owners = lowrank_owners(info, rank, cfg.proj_type, W, sb)
-        mine = [p for p, o in zip(mats, owners) if o == r]
-    else:
-        mine = mats
+        plan = flat_partition_plan(info, s, W, rank, cfg.proj_type, cfg.zero3_sub_group_size)
+        mine = [info.params[i] for i, o in plan.owners.items() if o == r]
+        for b in plan.buckets:
+            owned = sent = recvd = 0
+            for i in b:
+                o = plan.owners.get(i)
+                if o is None:
+                    continue
+                if o == r:
+                    owned += info.params[i].numel
+                    recvd += sum(length for q, length in plan.holds[i].items() if q != r)
+                else:
+                    sent += plan.holds[i].get(r, 0)
+            comm = max(comm, 4 * 2 * (owned + sent + recvd))
+    else:  # fsdp2
+        ids = [i for g in info.groups for i in g if info.params[i].low_rank]
+        svd_owner = dict(zip(ids, assign_owners([_svd_flops(info.params[i].shape) for i in ids], W)))
+        mine = [info.params[i] for i in ids if svd_owner[i] == r]
+        if W > 1:
+            k_of = {i: effective_rank(info.params[i].shape, rank) for i in ids}
+            right = [i for i in ids if side_for(info.params[i].shape, cfg.proj_type) == "right"]
+            left = [i for i in ids if i not in set(right)]
+            seg = 2 * len(info.params) + sum(-(-k_of[i] // W) * info.params[i].shape[1] for i in right)
+            S = sum((k_of[i] + (1 if cfg.optimizer == "fira" else 0)) * -(-info.params[i].shape[1] // W) for i in left)
+            regular = 4 * (W + 1) * max(seg, S)
+            rows_out = sum(fsdp2_rows(info.params[i].shape[0], W, r) * info.params[i].shape[1] for i in ids)
+            whole_in = sum(info.params[i].numel for i in ids if svd_owner[i] == r)
+            grad_copy = rows_out if dt["g"] != 4 else 0  # .to(fp32) of low-precision gradient rows
+            refresh = 4 * (2 * rows_out + whole_in + grad_copy)
+            comm = max(regular, refresh)
     transient = 0
     for p in mine:
         m, n = p.shape
@@ -701,6 +817,12 @@ def _optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, dt: dict[str,
     if adam:
         transient = max(transient, 2 * max(p.numel for p in adam) * sb)
     return comm, transient
+
+
+def _svd_flops(shape: tuple[int, ...]) -> int:
+    """``layouts.replicated.svd_flops``: the SVD owner map's cost under the row-sharded layout."""
+    m, n = shape
+    return m * n * min(m, n)
 
 
 def _peak(d: dict[str, int]) -> int:

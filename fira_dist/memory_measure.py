@@ -298,14 +298,13 @@ def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Any, Any, Any, Any]
         engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                                  optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0))
         return engine, model, opt, engine
-    from fira_dist import deepspeed as fira_ds  # the Fira DeepSpeed integration (flat-partition layout)
+    from fira_dist import deepspeed as fira_ds  # the "fira" optimizer type and the FlatPartition layout
 
-    engine = fira_ds.initialize(model=model, config=ds_config,
-                                fira={"rank": cfg.rank, "target_modules": list(cfg.target_modules),
-                                      "algorithm": cfg.optimizer, "update_proj_gap": 2, "proj_type": cfg.proj_type,
-                                      "lr": 1e-4})
-    engine = engine[0] if isinstance(engine, tuple) else engine
-    return engine, model, engine.optimizer, engine
+    ds_config["optimizer"] = {"type": "fira", "params": {
+        "lr": 1e-4, "rank": cfg.rank, "target_modules": list(cfg.target_modules), "algorithm": cfg.optimizer,
+        "update_proj_gap": 2, "proj_type": cfg.proj_type}}
+    engine, opt, _, _ = fira_ds.initialize(model=model, config=ds_config)
+    return engine, model, opt, engine
 
 
 def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0) -> dict[str, Any]:

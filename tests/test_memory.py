@@ -177,3 +177,74 @@ def test_config_errors_name_the_value(kw, msg):
 def test_cli_reports_bad_model(capsys):
     assert memory.main(["--model", "llama_13x"]) == 2
     assert "llama_13x" in capsys.readouterr().err
+
+
+def _layout_state_bytes_on_meta(strategy: str, world_size: int, rank: int) -> dict:
+    """Run the layouts' own planning and state-creation code on a meta-device llama_7b (nothing allocated) for
+    one rank of a world of ``world_size``, and measure the state tensors they create."""
+    from fira_dist import Fira, param_groups
+    from fira_dist.layouts.flat_partition import UNITS, FlatPartition
+    from fira_dist.layouts.replicated import Replicated
+
+    model = memory._meta_model(memory._llama_config("llama_7b", None))
+    groups = param_groups(model, rank=64)
+    names = {id(p): n for g in groups for n, p in g["params"]}
+    opt = Fira(groups, lr=1e-3)
+
+    class Stub:
+        pass
+
+    if strategy == "ddp":  # Replicated without a process group: its plan and state need only W and the rank
+        rep = Replicated.__new__(Replicated)
+        rep.opt, rep.world_size, rep.rank, rep.entries, rep._signature = opt, world_size, rank, [], ()
+        rep._ensure_plan()
+        return measured_optimizer_state_bytes(opt)
+    fp = FlatPartition(opt)
+    fp.comm = Stub()
+    fp.comm.world_size, fp.comm.rank = world_size, rank
+    z = Stub()  # the partition tables DeepSpeed's wrapper would hold, by DeepSpeed's sizing rules
+    if strategy in ("zero1", "zero2"):
+        z.round_robin_bit16_groups = [g["params"] for g in opt.param_groups]
+        z.round_robin_bit16_offsets = [[sum(p.numel() for p in g["params"][:j]) for j in range(len(g["params"]))]
+                                       for g in opt.param_groups]
+        z.round_robin_bit16_meta = z.round_robin_bit16_groups
+        z.partition_size = [memory.zero12_partition([p.numel() for p in g["params"]], world_size)[1]
+                            for g in opt.param_groups]
+        z.single_partition_of_fp32_groups = [torch.empty(ps, device="meta") for ps in z.partition_size]
+        fp._bind_zero12(z, names)
+    else:
+        z.fp16_groups, z.sub_group_to_group_id, z.fp32_partitioned_groups_flat = [], [], []
+        for gi, g in enumerate(opt.param_groups):
+            for p in g["params"]:
+                p.ds_shape, p.ds_numel = p.shape, p.numel()
+                p.partition_numel = lambda n=p.numel(): memory.zero3_partition_numel(n, world_size)
+            z.fp16_groups.append(g["params"])
+            z.sub_group_to_group_id.append(gi)
+            z.fp32_partitioned_groups_flat.append(torch.empty(sum(p.partition_numel() for p in g["params"]), device="meta"))
+        fp._bind_zero3(z, names)
+    holder = Stub()
+    holder.state = {}
+    for b in fp.buckets.values():
+        states: dict = {}
+        for u in b.units:
+            o = opt.group_options(u.group)
+            if u.low_rank and u.owner == rank:
+                fp._unit_state(states, u, o, torch.device("meta"), 0)
+            elif not u.low_rank and u.piece_of(rank) is not None:
+                fp._unit_state(states, u, o, torch.device("meta"), u.piece_of(rank).length)
+        holder.state[b.index] = {UNITS: states}
+    return measured_optimizer_state_bytes(holder)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("world_size", [8, 64])
+def test_state_matches_layout_code_at_scale(strategy, world_size):
+    """The estimate's owner maps and pieces are those of layouts.replicated / layouts.flat_partition: their
+    planning code, run for llama_7b on the meta device, creates state of exactly the estimated bytes on each
+    rank (first, second, last)."""
+    info = memory.model_info("llama_7b", "fira", 64)
+    for r in (0, 1, world_size - 1):
+        got = _layout_state_bytes_on_meta(strategy, world_size, r)
+        est = memory.optimizer_state(info, MemoryConfig(strategy=strategy, world_size=world_size, rank=64), r)
+        assert {k: got[k] for k in est} == est, (strategy, world_size, r)
+        assert got["other"] == 0
