@@ -917,7 +917,7 @@ class Trainer:
             return self.ckpt_path
         manifest = self._manifest(reason)  # collective (data states)
         if self.engine is not None:
-            writer = lambda folder: C.deepspeed_save(folder / C.DS_TAG, self.engine)  # noqa: E731
+            writer = lambda folder: C.deepspeed_save(folder, self.engine)  # noqa: E731
         else:
             writer = lambda folder: C.dcp_save(folder / "dcp", self.model, self.optimizer)  # noqa: E731
         self.ckpt_path = self.ckpt.save(self.step, writer, manifest)
@@ -932,7 +932,7 @@ class Trainer:
                         "resharded (DCP), the data position continues in the global order", folder,
                         m.get("world_size"), self.world)
         if self.engine is not None:
-            C.deepspeed_load(folder / C.DS_TAG, self.engine)
+            C.deepspeed_load(folder, self.engine)
         else:
             C.dcp_load(folder / "dcp", self.model, self.optimizer)
         self.train_loader.load_state_dict(m["data"])
@@ -1012,9 +1012,10 @@ class Trainer:
         if plan.inject_signal_at == n and self.rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
         if plan.inject_hang_at == n and self.rank == self.world - 1:
-            log.warning("--inject-hang-at %d: rank %d hangs", n, self.rank)
-            while True:
-                time.sleep(3600)
+            log.warning("--inject-hang-at %d: rank %d hangs (no collective) until it gets a signal", n, self.rank)
+            while self.stop_signal is None:  # stuck for its peers; a launcher's SIGTERM ends it (fast tests)
+                time.sleep(0.2)
+            os._exit(EXIT_ERROR)
         t0 = time.perf_counter()
         lr = self._set_lr(self.step)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -1116,8 +1117,9 @@ class Trainer:
         log.info("training %s (%.2fM params) with %s under %s x %d: steps %d -> %d, %d tokens/step", plan.model,
                  self.n_params / 1e6, plan.optimizer, plan.strategy, self.world, self.step, plan.max_steps,
                  plan.tokens_per_step)
-        for note in plan.notes:
-            log.warning("%s", note)
+        if self.rank == 0:
+            for note in plan.notes:
+                log.warning("%s", note)
         progress = Progress(self.rank == 0, plan.max_steps, self.step, plan.log_every)
         self.t_start = time.perf_counter()
         code, reason = EXIT_OK, "done"
@@ -1143,22 +1145,17 @@ class Trainer:
                               self.step - self.counters["bad_in_a_row"], self.ckpt_path)
                     code, reason = EXIT_BAD_STEPS, "bad_steps"
                     break
-                if plan.eval_every and self.step % plan.eval_every == 0:
+                last = self.step == plan.max_steps
+                if plan.eval_every and (self.step % plan.eval_every == 0 or last):
                     self._eval_and_log(progress)
-                if plan.save_every and self.step % plan.save_every == 0:
-                    self.save("periodic")
+                if plan.save_every and (self.step % plan.save_every == 0 or last):
+                    self.save("final" if last else "periodic")
                 if stop:
                     self.save("preempted")
                     log.warning("stopping at step %d after a signal: checkpoint %s; exit %d (requeue and run the "
                                 "same command to resume)", self.step, self.ckpt_path, EXIT_REQUEUE)
                     code, reason = EXIT_REQUEUE, "preempted"
                     break
-            else:
-                if plan.eval_every and (not self.evals or self.evals[-1]["step"] != self.step) \
-                        and self.step > self.start_step:
-                    self._eval_and_log(progress)
-                if plan.save_every:
-                    self.save("final")
         finally:
             progress.close()
         self.finish(code, reason)

@@ -111,7 +111,8 @@ class Metrics:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        self._f.write(json.dumps(record) + "\n")
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")  # strict JSON: NaN/inf (a skipped step's loss) as null
         if self._tb is not None and "step" in record:
             kind = record.get("kind", "train")
             for key, value in record.items():
