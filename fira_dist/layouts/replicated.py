@@ -1,36 +1,45 @@
 """Replicated gradients (DDP, DeepSpeed ZeRO-0): owner-computes.
 
-Every rank holds every parameter and the same, already averaged, gradient G. A deterministic owner map
-(``owners.assign_owners``: greedy LPT on optimizer-state bytes, computed from shapes alone, identical on
-every rank) gives each parameter one owner. Only the owner holds the parameter's optimizer state
-(projector, moments, limiter norm; Adam moments for non-matrix parameters), computes its SVD at refresh
-steps, and computes its update, with exactly the code of the single-process layout
-(``single.whole_matrix_step_`` / ``single.adam_step_``) on exactly the same G, so every parameter ends
-bitwise equal to a one-process run on the same gradient. The updated values then reach every rank in
-ONE ``all_gather_into_tensor`` per step (one per parameter dtype), each rank contributing the values of
-the parameters it owns.
+Every rank holds every parameter and the same, already averaged, gradient G.
+
+- Low-rank matrices: a deterministic owner map (``owners.assign_owners``: greedy LPT on optimizer-state
+  bytes, computed from shapes alone, identical on every rank, no communication) gives each matrix one owner.
+  Only the owner holds its projector, moments and limiter norm, computes its SVD at refresh steps and its
+  update, with exactly the single-process code (``single.whole_matrix_step_``) on exactly the same G.
+- Elementwise-Adam tensors (embeddings, norms, lm_head, anything not low rank): nothing ties their elements
+  together, so each is split by rows (torch.chunk boundaries, as DTensor ``Shard(0)``): rank r holds the
+  moments of its rows and updates those rows (``algorithm.adam_update_`` on the row slice). Whole-tensor
+  ownership would leave one rank with, e.g., LLaMA-60M's 32000 x 512 embedding's moments (40% of all state).
+
+Either way every parameter ends bitwise equal to a one-process run on the same gradient (elementwise
+arithmetic does not care how the rows are split). The updated values then reach every rank in ONE
+``all_gather_into_tensor`` per step (one per parameter dtype), rank r contributing its matrices and its rows.
 
 Communication per step and per rank (``Comm`` counts all_gather output bytes)::
 
     bytes_per_step = sum over parameter dtypes d of  W * max_r L_r(d) * itemsize(d)
-    L_r(d)         = sum of numel(p) over parameters p of dtype d with requires_grad, owned by rank r
+    L_r(d) = sum of numel(p) over low-rank matrices of dtype d owned by rank r
+           + sum of rows_r(p) * numel(p) / rows(p) over the other tensors of dtype d
 
-(The gather is padded to the largest rank's share.) Every parameter with ``requires_grad`` is in the
-gather whether or not it has a gradient this step: a parameter without one is sent unchanged, so ranks
-never need to agree on which gradients exist. Nothing else is communicated during a step.
+where rows_r(p) = the rows rank r holds under torch.chunk splitting, and only parameters with
+``requires_grad`` count. (The gather is padded to the largest rank's share.) Every such parameter is in the
+gather whether or not it has a gradient this step: a parameter without one is sent unchanged, so ranks never
+need to agree on which gradients exist. Nothing else is communicated during a step. Whether a gradient is
+finite is decided on the whole gradient, identical on every rank, so all ranks skip the same tensors.
 
-State layout and checkpoints. In memory, ``optimizer.state[p]`` has the same keys on every rank; on the
-owner they are the working tensors, elsewhere 0-element placeholders (with the right dtype). Every rank
-having state for every parameter also keeps ``torch.distributed.checkpoint.state_dict`` from running its
-zero-lr initialisation step on some ranks only. ``optimizer.state_dict()`` is therefore COLLECTIVE under
-this layout (call it on every rank, as with FSDP): it returns tensors of ndim >= 1 as DTensors sharded
-``Shard(0)`` over a 1-D mesh of the process group (each owner's state is scattered by one broadcast per
-rank), and 0-d tensors (step, limiter norm) as plain tensors equal on every rank. That is what
-``get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`` + ``dcp.save`` need, and a
-checkpoint saved at one world size loads at another: ``load_state_dict`` (collective too) reassembles
-each tensor on its owner under the new owner map. ``load_state_dict`` also accepts plain full tensors,
-e.g. a single-process state dict; no collective is issued for those. Checkpoint traffic is counted on a
-separate ``Comm`` (``checkpoint_comm``) so that per-step figures stay exact.
+State layout and checkpoints. In memory, ``optimizer.state[p]`` has the same keys on every rank: a
+matrix's owner holds the working tensors and other ranks 0-element placeholders (with the right dtype); an
+elementwise tensor's moments are this rank's rows; ``step`` is a 0-d tensor. Every rank having state for
+every parameter also keeps ``torch.distributed.checkpoint.state_dict`` from running its zero-lr
+initialisation step on some ranks only. ``optimizer.state_dict()`` is COLLECTIVE under this layout (call it
+on every rank, as with FSDP): it returns tensors of ndim >= 1 as DTensors sharded ``Shard(0)`` over a 1-D
+mesh of the process group (each owner's matrix state is scattered by one broadcast per owning rank; the
+row-split moments already are shards) and 0-d tensors (step, limiter norm) as plain tensors equal on every
+rank. That is what ``get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`` + ``dcp.save`` need,
+and a checkpoint saved at one world size loads at another: ``load_state_dict`` (collective too) gathers each
+matrix's tensors to its owner under the new owner map and keeps this rank's rows of the others. It also
+accepts plain full tensors, e.g. a single-process state dict (no collective for those). Checkpoint traffic
+is counted on a separate ``Comm`` (``checkpoint_comm``) so that per-step figures stay exact.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from typing import Any
 
 import torch
 
+from fira_dist.algorithm import adam_update_
 from fira_dist.comm import Comm
 from fira_dist.config import GroupOptions
 from fira_dist.layouts.owners import assign_owners, lowrank_state_numel
@@ -61,7 +71,7 @@ class Entry:
     shape: tuple[int, ...]
     low_rank: bool
     side: str | None
-    owner: int
+    owner: int  # the rank holding a low-rank matrix's state; -1: an elementwise tensor split by rows
     shapes: dict[str, tuple[int, ...]]  # full shape of each state tensor
     dtype: torch.dtype  # the state dtype (moments, projector) a fresh state gets
 
@@ -140,23 +150,21 @@ class Replicated(SingleProcess):
                 lr = lowrank_shape(shape, o.rank, side)
                 shapes = {"step": (), "projector": projector_shape(shape, o.rank, side), "exp_avg": lr,
                           "exp_avg_sq": lr, "limiter_norm": ()}
-                cost = lowrank_state_numel(shape, o.rank, side) * dtype.itemsize
+                costs.append(lowrank_state_numel(shape, o.rank, side) * dtype.itemsize)
             else:
                 side = None
                 shapes = {"step": (), "exp_avg": shape, "exp_avg_sq": shape}
-                cost = 2 * p.numel() * dtype.itemsize
             entries.append(Entry(p, self.opt.param_name(self.opt.param_groups[gi], i, p), o, shape, low, side, -1,
                                  shapes, dtype))
-            costs.append(cost)
-        # Matrices first (so SVD work is balanced too), then elementwise-Adam tensors onto the lightest ranks.
-        # Per-rank state <= total / W + the largest single tensor's state either way (greedy LPT).
-        mats = [i for i, e in enumerate(entries) if e.low_rank]
-        rest = [i for i, e in enumerate(entries) if not e.low_rank]
-        loads = [0.0] * self.world_size
-        for idx in (mats, rest):
-            for i, r in zip(idx, assign_owners([costs[i] for i in idx], self.world_size, initial_loads=loads)):
-                entries[i].owner = r
-                loads[r] += costs[i]
+        # Matrices: greedy LPT on state bytes (per-rank matrix state <= their total / W + the largest one); the
+        # elementwise tensors are split by rows on top, so the bound holds for all state. A 0-d tensor (no rows)
+        # goes to rank 0.
+        mats = [e for e in entries if e.low_rank]
+        for e, r in zip(mats, assign_owners(costs, self.world_size)):
+            e.owner = r
+        for e in entries:
+            if not e.low_rank and not e.shape:
+                e.owner = 0
         self.entries, self._signature = entries, sig
         self._by_param = {id(e.param): e for e in entries}
         if moving is not None:
@@ -167,14 +175,25 @@ class Replicated(SingleProcess):
         return self._by_param[id(p)].owner
 
     # ------------------------------------------------------------------ state
+    def rows(self, e: Entry, rank: int | None = None) -> tuple[int, int]:
+        """The rows of an elementwise tensor that `rank` (default: this rank) updates and holds state for."""
+        return row_range(e.shape[0], self.world_size, self.rank if rank is None else rank)
+
     def _fresh_state(self, e: Entry) -> dict[str, torch.Tensor]:
         dev = e.param.device
-        if e.owner != self.rank:  # placeholders: same keys, right dtype, no storage
-            return {k: torch.empty(0, dtype=self._key_dtype(e, k), device="cpu" if k == "step" else dev)
-                    for k in e.shapes}
-        st = {k: torch.zeros(s, dtype=self._key_dtype(e, k), device="cpu" if k == "step" else dev)
-              for k, s in e.shapes.items()}
-        return st
+        out = {}
+        for k, shape in e.shapes.items():
+            dt, where = self._key_dtype(e, k), ("cpu" if k == "step" else dev)
+            if k == "step" and e.owner < 0:
+                out[k] = torch.zeros((), dtype=dt)  # a row-split tensor: every rank steps it
+            elif e.owner < 0:
+                a, b = self.rows(e)
+                out[k] = torch.zeros((b - a, *shape[1:]), dtype=dt, device=where)
+            elif e.owner == self.rank:
+                out[k] = torch.zeros(shape, dtype=dt, device=where)
+            else:  # placeholders: same keys, right dtype, no storage
+                out[k] = torch.empty(0, dtype=dt, device=where)
+        return out
 
     @staticmethod
     def _key_dtype(e: Entry, key: str) -> torch.dtype:
@@ -213,51 +232,67 @@ class Replicated(SingleProcess):
                 raise ValueError(f"{t.name} has a gradient but requires_grad=False: the replicated layout only "
                                  "updates parameters with requires_grad=True")
             by_param[id(t.param)] = t
-        mine = [by_param[id(e.param)] for e in self.entries if e.owner == self.rank and id(e.param) in by_param]
-        for task, ok in zip(mine, self.opt.finite_mask([t.grad for t in mine])):
+        mine = [(e, by_param[id(e.param)]) for e in self.entries
+                if (e.owner == self.rank or e.owner < 0) and id(e.param) in by_param]
+        for (e, task), ok in zip(mine, self.opt.finite_mask([t.grad for _, t in mine])):
             if not ok:
                 self.note_nonfinite(task)
                 continue
             st = self.opt.state[task.param]
-            if task.low_rank:
+            if e.low_rank:
                 if int(st["step"]) % task.opts.update_proj_gap == 0:
                     self.svd_count += 1
                     self.svd_flops += svd_flops(task.shape)
                 whole_matrix_step_(self.opt, task, st, task.grad, task.param)
-            else:
+            elif e.owner == self.rank:  # a 0-d tensor
                 adam_step_(self.opt, task, task.grad, task.param, task.param)
+            else:  # this rank's rows
+                a, b = self.rows(e)
+                st["step"] += 1
+                adam_update_(task.param.detach()[a:b], task.grad[a:b], st["exp_avg"], st["exp_avg_sq"], task.opts,
+                             int(st["step"]))
         self._share_values()
         self.comm.end_step()
 
-    def _buckets(self) -> dict[torch.dtype, list[list[Entry]]]:
-        """Per parameter dtype, each rank's owned entries (in plan order)."""
-        out: dict[torch.dtype, list[list[Entry]]] = {}
+    def _segments(self) -> dict[torch.dtype, list[list[tuple[Entry, int, int]]]]:
+        """Per parameter dtype, what each rank contributes to the gather: (entry, first row, last row)."""
+        out: dict[torch.dtype, list[list[tuple[Entry, int, int]]]] = {}
         for e in self.entries:
-            out.setdefault(e.param.dtype, [[] for _ in range(self.world_size)])[e.owner].append(e)
+            per_rank = out.setdefault(e.param.dtype, [[] for _ in range(self.world_size)])
+            if e.owner >= 0:
+                per_rank[e.owner].append((e, 0, e.shape[0] if e.shape else 1))
+            else:
+                for r in range(self.world_size):
+                    a, b = self.rows(e, r)
+                    if b > a:
+                        per_rank[r].append((e, a, b))
         return out
 
+    @staticmethod
+    def _numel_rows(e: Entry, a: int, b: int) -> int:
+        return (b - a) * _numel(e.shape[1:]) if e.shape else 1
+
     def _share_values(self) -> None:
-        for dtype, per_rank in self._buckets().items():
-            sizes = [sum(e.param.numel() for e in es) for es in per_rank]
-            L = max(sizes)
+        for dtype, per_rank in self._segments().items():
+            L = max(sum(self._numel_rows(*seg) for seg in segs) for segs in per_rank)
             if L == 0:
                 continue
-            dev = per_rank[self.rank][0].param.device if per_rank[self.rank] else self.entries[0].param.device
+            dev = self.entries[0].param.device
             send = torch.zeros(L, dtype=dtype, device=dev)
             off = 0
-            for e in per_rank[self.rank]:
-                n = e.param.numel()
-                send[off:off + n].copy_(e.param.detach().reshape(-1))
+            for e, a, b in per_rank[self.rank]:
+                n = self._numel_rows(e, a, b)
+                send[off:off + n].copy_(e.param.detach().view(-1)[self._numel_rows(e, 0, a):][:n])
                 off += n
             recv = torch.empty(self.world_size * L, dtype=dtype, device=dev)
             self.comm.all_gather_into_tensor(recv, send)
-            for r, es in enumerate(per_rank):
+            for r, segs in enumerate(per_rank):
                 if r == self.rank:
                     continue
                 off = r * L
-                for e in es:
-                    n = e.param.numel()
-                    e.param.detach().copy_(recv[off:off + n].view(e.param.shape))
+                for e, a, b in segs:
+                    n = self._numel_rows(e, a, b)
+                    e.param.detach().view(-1)[self._numel_rows(e, 0, a):][:n].copy_(recv[off:off + n])
                     off += n
 
     def expected_comm_bytes(self) -> int:
@@ -265,8 +300,9 @@ class Replicated(SingleProcess):
         if self.world_size == 1:
             return 0
         total = 0
-        for dtype, per_rank in self._buckets().items():
-            total += self.world_size * max(sum(e.param.numel() for e in es) for es in per_rank) * dtype.itemsize
+        for dtype, per_rank in self._segments().items():
+            L = max(sum(self._numel_rows(*seg) for seg in segs) for segs in per_rank)
+            total += self.world_size * L * dtype.itemsize
         return total
 
     def comm_stats(self) -> dict[str, Any]:
@@ -291,12 +327,15 @@ class Replicated(SingleProcess):
 
     def _export_state(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
         """Collective: every rank gets, for every parameter, 0-d state as plain tensors and the rest as
-        ``Shard(0)`` DTensors over the mesh. One broadcast per owning rank (of that rank's whole state)."""
-        from torch.distributed.tensor import DTensor, Shard
-
+        ``Shard(0)`` DTensors over the mesh. One broadcast per owning rank (of its matrices' state)."""
         self._ensure_state()
         out: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         dev = self.entries[0].param.device if self.entries else torch.device("cpu")
+        for e in self.entries:  # row-split tensors: already this rank's shard
+            if e.owner < 0:
+                st = self.opt.state[e.param]
+                out[e.param] = {k: st[k].clone() if not e.shapes[k] else self._as_dtensor(st[k].clone(), e.shapes[k])
+                                for k in e.shapes}
         for owner in range(self.world_size):
             items = [(e, k, self.opt.state[e.param][k].dtype) for e in self.entries if e.owner == owner for k in e.shapes]
             if not items:
@@ -318,10 +357,15 @@ class Replicated(SingleProcess):
                     val = t.clone().to("cpu" if k == "step" else dev)
                 else:
                     a, b = row_range(shape[0], self.world_size, self.rank)
-                    val = DTensor.from_local(t[a:b].clone(), self.mesh(), [Shard(0)], run_check=False,
-                                             shape=torch.Size(shape), stride=contiguous_stride(shape))
+                    val = self._as_dtensor(t[a:b].clone(), shape)
                 out.setdefault(e.param, {})[k] = val
         return out
+
+    def _as_dtensor(self, local: torch.Tensor, shape: tuple[int, ...]) -> Any:
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(local, self.mesh(), [Shard(0)], run_check=False, shape=torch.Size(shape),
+                                  stride=contiguous_stride(shape))
 
     def after_load_state_dict(self) -> None:
         """Called by ``Fira.load_state_dict`` once ``opt.state`` holds the loaded values."""
@@ -329,8 +373,9 @@ class Replicated(SingleProcess):
         self._import_state({e.param: dict(self.opt.state.get(e.param, {})) for e in self.entries})
 
     def _import_state(self, loaded: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
-        """Put loaded state (DTensors from state_dict(), or plain full tensors) on the owners; placeholders
-        elsewhere. Collective when any value is a DTensor (the same on every rank)."""
+        """Put loaded state (DTensors from state_dict(), or plain full tensors) where it lives: a matrix's on its
+        owner (placeholders elsewhere), an elementwise tensor's rows on their rank. Collective when a matrix's
+        value is a DTensor (the same on every rank)."""
         from torch.distributed.tensor import DTensor, Shard
 
         new: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
@@ -350,8 +395,18 @@ class Replicated(SingleProcess):
                                          f"{tuple(v.placements)} on a mesh of size {mesh.size()}; the replicated layout "
                                          f"loads Shard(0) over its {self.world_size} ranks (load through "
                                          "torch.distributed.checkpoint with this optimizer's state_dict() as template)")
-                    sharded.append((e, k, v))
-                    st[k] = None  # filled below
+                    if e.owner < 0:  # a row-split tensor: the shard is this rank's rows already
+                        st[k] = v.to_local().detach().clone()
+                    else:
+                        sharded.append((e, k, v))
+                        st[k] = None  # filled below
+                elif e.owner < 0:
+                    dev = "cpu" if k == "step" else e.param.device
+                    full = v.detach().to(device=dev).reshape(e.shapes[k])
+                    if e.shapes[k]:
+                        a, b = self.rows(e)
+                        full = full[a:b]
+                    st[k] = full.clone()
                 elif e.owner == self.rank:
                     dev = "cpu" if k == "step" else e.param.device
                     st[k] = v.detach().to(device=dev, copy=True).reshape(e.shapes[k])
