@@ -4,8 +4,9 @@ rank with rank 128, embeddings, norms and lm_head plain Adam, as ``fira_dist.par
 
 Only the optimizer runs: every rank gets the same fixed random gradients (replicated: the whole gradient,
 as DDP leaves it; row_sharded: its rows of it, as FSDP2 leaves it, with DTensor parameters), so the numbers
-are the optimizer's own. Per (layout, W) it runs 6 steps with update_proj_gap 5: step 0 (first refresh,
-warm-up), steps 1-4 (ordinary; median reported), step 5 (a refresh: SVD of every matrix, reported).
+are the optimizer's own. Per (layout, W) it runs 7 steps with update_proj_gap 3: step 0 (first refresh,
+warm-up), steps 1, 2, 4, 5 (ordinary) and 3, 6 (refresh: an SVD of every matrix); times are the minimum
+over each kind (the least disturbed by other load on the machine), of the slowest rank.
 Bytes are what ``optimizer.comm_stats()`` measured (per rank; the largest rank); state is projectors +
 moments + limiter norms held by each rank (largest rank, and its share of the one-process total).
 
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-RANK, GAP = 128, 5
+RANK, GAP, STEPS = 128, 3, 7  # refreshes at steps 0 (warm-up), 3 and 6
 
 
 def _free_port() -> int:
@@ -89,7 +89,7 @@ def worker(layout: str, out: str) -> None:
               {"params": [(n, params[n]) for n in low], "rank": RANK, "update_proj_gap": GAP, "alpha": 0.25}]
     opt = fira_dist.Fira(groups, lr=1e-3, layout=layout)
     times, nbytes = [], []
-    for _ in range(GAP + 1):
+    for _ in range(STEPS):
         for n, p in params.items():
             p.grad = grads[n]
         if world > 1:
@@ -104,8 +104,11 @@ def worker(layout: str, out: str) -> None:
     else:  # single process: everything
         state = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
                     if k in ("projector", "exp_avg", "exp_avg_sq", "limiter_norm"))
-    mine = {"rank": rank, "state": state, "step_s": statistics.median(times[1:GAP]), "refresh_s": times[GAP],
-            "bytes_step": statistics.median(nbytes[1:GAP]), "bytes_refresh": nbytes[GAP],
+    plain = [i for i in range(1, STEPS) if i % GAP]
+    refresh = [i for i in range(1, STEPS) if i % GAP == 0]
+    mine = {"rank": rank, "state": state, "step_s": min(times[i] for i in plain),
+            "refresh_s": min(times[i] for i in refresh), "bytes_step": max(nbytes[i] for i in plain),
+            "bytes_refresh": max(nbytes[i] for i in refresh),
             "svd": getattr(lay, "svd_count", None)}
     info = [mine]
     if world > 1:
