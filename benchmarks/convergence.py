@@ -4,7 +4,7 @@ Every run is a real `fira-dist pretrain` process (python -m fira_dist.pretrain),
 what users run. Single-process runs for each optimizer and seed; with --distributed also Fira under
 DeepSpeed ZeRO-2 and FSDP2 with 2 processes on the same global batch (micro-batch halved per rank).
 
-    python benchmarks/convergence.py                       # defaults below, ~1 h on 2 CPU cores
+    python benchmarks/convergence.py --distributed         # the README's Results (about 1 h on 2 CPU cores)
     python benchmarks/convergence.py --smoke               # seconds: a tiny model, 1 seed, for the tests
     python benchmarks/convergence.py --data 'my/*.txt'     # any local text instead of the embedded corpus
 
@@ -115,19 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama_demo")
     ap.add_argument("--data", help="local text files (default: the embedded corpus)")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16, help="global sequences per step")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--rank", type=int, default=64, help="projection rank (hidden/4, the paper's ratio at 60M)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--rank", type=int, help="projection rank (default hidden/4, the paper's ratio at 60M)")
     ap.add_argument("--alpha", type=float, default=0.25)
-    ap.add_argument("--update-proj-gap", type=int, default=100)
+    ap.add_argument("--update-proj-gap", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
                     help="learning rate per optimizer (default adamw=0.002, galore=0.01, fira=0.01)")
     ap.add_argument("--optimizers", default="adamw,galore,fira")
     ap.add_argument("--distributed", action="store_true", help="also Fira under DeepSpeed ZeRO-2 and FSDP2, 2 processes")
+    ap.add_argument("--distributed-seeds", type=int, default=1, help="seeds for the distributed runs (1)")
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--eval-batches", type=int, default=0, help="0: the whole validation split")
+    ap.add_argument("--eval-batches", type=int, default=10, help="micro-batches per rank per evaluation (0: the whole validation split)")
     ap.add_argument("--out", default=str(REPO / "results" / "convergence"))
     ap.add_argument("--fresh", action="store_true", help="rerun runs that already finished in --out")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, 1 seed (for the tests)")
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.model, args.steps, args.batch, args.seq_len, args.rank = "llama_tiny", 6, 4, 32, 16
         args.seeds, args.eval_every, args.eval_batches, args.update_proj_gap = 1, 3, 2, 3
+    if args.rank is None:
+        from fira_dist.pretrain.models import get_spec
+
+        args.rank = get_spec(args.model).hidden_size // 4
     optimizers = args.optimizers.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(opt, "single") for opt in optimizers]
     if args.distributed:
         plan += [("fira", "deepspeed"), ("fira", "fsdp2")]
-    print(f"{len(plan) * args.seeds} runs of {args.steps} steps x {args.batch} x {args.seq_len} tokens ({args.model})")
+    print(f"{len(optimizers) * args.seeds + (2 * args.distributed_seeds if args.distributed else 0)} runs of {args.steps} steps x {args.batch} x {args.seq_len} tokens ({args.model})")
     for opt, strategy in plan:
         key = opt if strategy == "single" else f"{opt} ({strategy}, 2 procs)"
-        for seed in range(args.seeds):
+        for seed in range(args.seeds if strategy == "single" else args.distributed_seeds):
             name = f"{opt}-{strategy}-s{seed}"
             runs.setdefault(key, []).append(run_one(name, args, opt, lrs[opt], seed, strategy, out))
 
