@@ -322,26 +322,22 @@ def lowrank_owners(info: ModelInfo, rank: int, proj_type: str, world_size: int, 
 
 
 def replicated_owners(info: ModelInfo, rank: int, proj_type: str, world_size: int, state_bytes: int = 4) -> dict[int, int]:
-    """Owner of every parameter (index into ``info.params``) under ``layouts.replicated.Replicated`` (DDP,
-    ZeRO-0): greedy LPT (``assign_owners``) of the low-rank matrices on their state bytes
-    (``lowrank_state_numel`` x state itemsize), then of the elementwise-Adam tensors (2 x numel x itemsize)
-    starting from the matrices' loads; parameters in param-group order, as ``Replicated._ensure_plan``."""
+    """Owner of each parameter (index into ``info.params``) under ``layouts.replicated.Replicated`` (DDP,
+    ZeRO-0), as ``Replicated._ensure_plan``: the low-rank matrices by greedy LPT (``assign_owners``) on their
+    state bytes (``lowrank_state_numel`` x state itemsize), in param-group order; a 0-d elementwise tensor on
+    rank 0; every other elementwise tensor -1: split by rows over all ranks (``fsdp2_rows``)."""
     order = [i for g in info.groups for i in g]
     mats = [i for i in order if info.params[i].low_rank]
-    rest = [i for i in order if not info.params[i].low_rank]
-    cost = {}
-    for i in mats:
-        shape = info.params[i].shape
-        cost[i] = lowrank_state_numel(shape, rank, side_for(shape, proj_type)) * state_bytes
-    for i in rest:
-        cost[i] = 2 * info.params[i].numel * state_bytes
-    loads = [0.0] * world_size
-    owner: dict[int, int] = {}
-    for idx in (mats, rest):
-        for i, r in zip(idx, assign_owners([cost[i] for i in idx], world_size, initial_loads=loads)):
-            owner[i] = r
-            loads[r] += cost[i]
+    costs = [lowrank_state_numel(info.params[i].shape, rank, side_for(info.params[i].shape, proj_type)) * state_bytes
+             for i in mats]
+    owner = {i: (-1 if info.params[i].shape else 0) for i in order if not info.params[i].low_rank}
+    owner.update(zip(mats, assign_owners(costs, world_size)))
     return owner
+
+
+def _rows_numel(p: ParamInfo, world_size: int, r: int) -> int:
+    """Elements of p in rank r's rows (torch.chunk split of dim 0)."""
+    return fsdp2_rows(p.shape[0], world_size, r) * (p.numel // p.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------- optimizer state
@@ -359,8 +355,8 @@ def optimizer_state(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, int
 
     adamw: torch.optim.AdamW (one step per tensor it updates, moments ``zeros_like`` it). Fira/GaLore, per layout:
       single      every matrix: projector + moments + step + limiter; Adam tensors: moments + step.
-      ddp         ``Replicated``: each parameter's state on its owner (``replicated_owners``), 0-element
-                  placeholders elsewhere.
+      ddp         ``Replicated``: each matrix's state on its owner (``replicated_owners``), 0-element
+                  placeholders elsewhere; elementwise-Adam moments split by rows, a step on every rank.
       zero1/2/3   ``FlatPartition``: a matrix's whole state on its owner (``flat_partition_plan``); Adam state
                   for the piece of each non-matrix parameter this rank's flat partition holds.
       fsdp2       ``RowSharded``: moments by G's rows (right) / columns (left), projector by its rows (Q (k, n)
@@ -381,17 +377,15 @@ def optimizer_state(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, int
         return {"projectors": 0, "moments": 2 * sum(flats) * sb, "scalars": 4 * len(flats)}
     proj = mom = scal = 0
     if s in ("single", "ddp"):
-        if s == "single":
-            mine = range(len(info.params))
-        else:
-            owner = replicated_owners(info, rank, cfg.proj_type, W, sb)
-            mine = [i for i in owner if owner[i] == r]
-        for i in mine:
-            p = info.params[i]
-            if p.low_rank:
+        owner = replicated_owners(info, rank, cfg.proj_type, W, sb) if s == "ddp" else {}
+        for i, p in enumerate(info.params):
+            o = owner.get(i, r)
+            if p.low_rank and o == r:
                 pn, mn = _lowrank_parts(p.shape, rank, cfg.proj_type)
                 proj, mom, scal = proj + pn * sb, mom + 2 * mn * sb, scal + 8
-            else:
+            elif not p.low_rank and o == -1:  # row-split elementwise Adam: this rank's rows, a step everywhere
+                mom, scal = mom + 2 * _rows_numel(p, W, r) * sb, scal + 4
+            elif not p.low_rank and o == r:
                 mom, scal = mom + 2 * p.numel * sb, scal + 4
     elif s.startswith("zero"):
         plan = flat_partition_plan(info, s, W, rank, cfg.proj_type, cfg.zero3_sub_group_size)
@@ -599,7 +593,8 @@ def estimate(cfg: MemoryConfig, rank: int | None = None, info: ModelInfo | None 
         layer under activation checkpointing).
       comm_buffers = comm_persistent + max(comm_backward, comm_step): buckets and gather buffers.
       grads_backward_transient (ZeRO-1's full gradients before the reduce), optimizer_step_transient
-        (temporaries of the optimizer step, including an SVD at a projector refresh).
+        (temporaries of the optimizer step, including an SVD at a projector refresh); under FSDP2
+        grads_backward_transient is the root's unsharded gradients at the end of backward.
       peak: see ``_peak``.
     Also: rank, config (with defaults filled in), model_params, lowrank_matrices, notes.
     """
@@ -637,7 +632,8 @@ def _candidate_ranks(info: ModelInfo, cfg: MemoryConfig) -> list[int]:
         sb = _state_bytes(cfg, _dtypes(cfg))
         loads = [0] * W
         if cfg.strategy == "ddp":
-            owners = replicated_owners(info, _rank(info, cfg), cfg.proj_type, W, sb)
+            owners = {i: o for i, o in replicated_owners(info, _rank(info, cfg), cfg.proj_type, W, sb).items()
+                      if info.params[i].low_rank}
         else:
             owners = flat_partition_plan(info, cfg.strategy, W, _rank(info, cfg), cfg.proj_type,
                                          cfg.zero3_sub_group_size).owners
@@ -658,8 +654,10 @@ def _estimate_rank(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, Any]
     zero3 (stage3.py, partition_parameters.py): each parameter's partition (padded to W), small parameters
       (< param_persistence_threshold) also whole; fp32 master and gradient partitions; gathered layers
       (prefetch bucket + the current one) and the reduce bucket.
-    fsdp2: dim-0 shards padded to ceil(dim0 / W) rows; the unsharded weights of the current and the
-      prefetched block and one block's unsharded gradients.
+    fsdp2: dim-0 shards padded to ceil(dim0 / W) rows; during forward/backward the root module's
+      unsharded weights (embeddings, lm_head: not resharded after forward), the current and the prefetched
+      layer's, and lm_head's unsharded gradient; at the end of backward the root's unsharded gradients and
+      their fp32 reduce-scatter input (bf16-mixed).
     """
     dt = _dtypes(cfg)
     W, s, N = cfg.world_size, cfg.strategy, info.numel
@@ -703,10 +701,16 @@ def _estimate_rank(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, Any]
     else:  # fsdp2
         rows = sum(fsdp2_padded_rows(p.shape[0], W) * (p.numel // p.shape[0]) for p in info.params)
         params, grads, master = rows * dt["w"], rows * dt["g"], 0
-        unit = _largest_unit(info)
         compute = 2 if cfg.precision == "bf16-mixed" else dt["w"]
         reduce_copy = 4 if cfg.precision == "bf16-mixed" else 0  # reduce_dtype=fp32 copy of the bf16 gradients
-        comm_backward += 2 * unit * compute + unit * (compute + reduce_copy)
+        root = sum(p.numel for p in info.params if not p.unit)  # embeddings, final norm, lm_head
+        root_max = max((p.numel for p in info.params if not p.unit), default=0)
+        layer = max((n for u, n in _unit_sizes(info).items() if u), default=0)
+        # forward/backward: the root's unsharded weights (kept for backward), the current and the prefetched
+        # layer's, and lm_head's unsharded gradient (produced first, reduced with the root's at the end)
+        comm_backward += (root + 2 * layer + root_max) * compute
+        # end of backward: the root's unsharded gradients and their reduce-scatter input
+        grads_bwd_transient = (root + layer) * (compute + reduce_copy)
         if cfg.precision == "bf16-mixed":
             notes.append("FSDP2 bf16-mixed: the fp32 shards are the master weights (master_params 0)")
     st = optimizer_state(info, cfg, r)
@@ -735,11 +739,15 @@ def _estimate_rank(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, Any]
     return out
 
 
-def _largest_unit(info: ModelInfo) -> int:
+def _unit_sizes(info: ModelInfo) -> dict[str, int]:
     units: dict[str, int] = {}
     for p in info.params:
         units[p.unit] = units.get(p.unit, 0) + p.numel
-    return max(units.values())
+    return units
+
+
+def _largest_unit(info: ModelInfo) -> int:
+    return max(_unit_sizes(info).values())
 
 
 def _optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, dt: dict[str, Any]) -> tuple[int, int]:
@@ -756,12 +764,13 @@ def _optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, dt: dict[str,
               rows of all matrices out, the whole owned matrices in). The larger of the two.
     Temporaries (Fira/GaLore, on the largest matrix this rank computes): at a projector refresh
     torch.linalg.svd of the fp32 gradient (the copy, U, S, Vh); otherwise the fp32 gradient copy and R, N, X.
-    AdamW (torch foreach): two temporaries the size of the moments.
+    AdamW (torch foreach on CUDA): one temporary the size of one moment (sqrt(exp_avg_sq) for the whole group;
+    on CPU the foreach ops run tensor by tensor and need less).
     """
     W, s = cfg.world_size, cfg.strategy
     sb = _state_bytes(cfg, dt)
-    if cfg.optimizer == "adamw":
-        return 0, optimizer_state(info, cfg, r)["moments"]
+    if cfg.optimizer == "adamw":  # torch's foreach AdamW on CUDA: sqrt(exp_avg_sq) for the whole group at once
+        return 0, optimizer_state(info, cfg, r)["moments"] // 2
     rank = _rank(info, cfg)
     mats = info.lowrank()
     comm = 0
@@ -773,7 +782,13 @@ def _optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, dt: dict[str,
         if W > 1:
             loads = [0] * W
             for i, o in owner.items():
-                loads[o] += info.params[i].numel
+                if o >= 0:
+                    loads[o] += info.params[i].numel
+                else:
+                    for q in range(W) if W <= 64 else (0, W - 1):
+                        loads[q] += _rows_numel(info.params[i], W, q)
+            if W > 64:  # ranks between the first and last hold ceil-sized row chunks, as the first
+                loads = [max(loads)]
             comm = (W + 1) * max(loads) * dt["w"]
     elif s.startswith("zero"):
         plan = flat_partition_plan(info, s, W, rank, cfg.proj_type, cfg.zero3_sub_group_size)

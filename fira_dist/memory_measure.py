@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -325,6 +326,7 @@ def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device)}
+    gc.collect()  # garbage of an earlier configuration freed while profiling would count as negative bytes
     prof = CpuAllocPeak() if device.type == "cpu" else contextlib.nullcontext()
     with prof:
         torch.manual_seed(seed)
@@ -358,6 +360,8 @@ def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0) -> dict[str, Any]:
         out["activations_saved"] = saved.bytes
         out["activations_logits"] = logits_bytes
         out["model_params"] = sum(p.numel() for p in module.parameters()) if cfg.strategy != "fsdp2" else None
+    del model_call, module, opt, engine, saved
+    gc.collect()
     if device.type == "cpu":
         out["peak_allocated"] = prof.peak
     else:
