@@ -731,6 +731,7 @@ def _estimate_rank(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, Any]
         "optimizer_step_transient": step_transient + step_extra,
     }
     out["peak"] = _peak(out)
+    out["peak_breakdown"] = peak_breakdown(out)
     out["rank"] = r
     out["config"] = dataclasses.asdict(cfg)
     out["model_params"] = N
@@ -819,7 +820,7 @@ def _optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, dt: dict[str,
             rows_out = sum(fsdp2_rows(info.params[i].shape[0], W, r) * info.params[i].shape[1] for i in ids)
             whole_in = sum(info.params[i].numel for i in ids if svd_owner[i] == r)
             grad_copy = rows_out if dt["g"] != 4 else 0  # .to(fp32) of low-precision gradient rows
-            refresh = 4 * (2 * rows_out + whole_in + grad_copy)
+            refresh = 4 * (rows_out + whole_in + grad_copy)  # the all-to-all input (cat) and output
             comm = max(regular, refresh)
     transient = 0
     for p in mine:
@@ -838,6 +839,32 @@ def _svd_flops(shape: tuple[int, ...]) -> int:
     """``layouts.replicated.svd_flops``: the SVD owner map's cost under the row-sharded layout."""
     m, n = shape
     return m * n * min(m, n)
+
+
+def peak_breakdown(d: dict[str, int]) -> dict[str, int]:
+    """What is alive at the peak (see ``_peak``), by component; the values sum to ``d["peak"]``."""
+    persistent = d["params"] + d["master_params"] + d["optimizer_states"] + d["comm_persistent"]
+    fwd = d["activations"] + d["grads_at_backward_start"] + d["comm_backward"]
+    bwd_end = d["grads_backward_transient"] + d["comm_backward"]
+    opt_step = d["optimizer_step_transient"] + d["comm_step"]
+    out = {"params": d["params"], "master_params": d["master_params"],
+           "optimizer_projectors": d["optimizer_projectors"], "optimizer_moments": d["optimizer_moments"],
+           "optimizer_scalars": d["optimizer_scalars"], "grads": 0, "activations": 0, "comm_buffers": d["comm_persistent"],
+           "temporaries": 0}
+    if fwd >= d["grads"] + max(bwd_end, opt_step):
+        out["phase"] = "forward/backward"
+        out.update(grads=d["grads_at_backward_start"], activations=d["activations"])
+        out["comm_buffers"] += d["comm_backward"]
+    elif bwd_end >= opt_step:
+        out["phase"] = "end of backward"
+        out.update(grads=d["grads"], temporaries=d["grads_backward_transient"])
+        out["comm_buffers"] += d["comm_backward"]
+    else:
+        out["phase"] = "optimizer step"
+        out.update(grads=d["grads"], temporaries=d["optimizer_step_transient"])
+        out["comm_buffers"] += d["comm_step"]
+    assert sum(v for k, v in out.items() if k != "phase") == persistent + max(fwd, d["grads"] + max(bwd_end, opt_step))
+    return out
 
 
 def _peak(d: dict[str, int]) -> int:
@@ -927,9 +954,11 @@ def format_table(results: Sequence[dict[str, Any]], title: str, label: Any = Non
 
 
 def markdown_table(results: Sequence[dict[str, Any]], label: Any) -> str:
+    """One Markdown row per configuration, GiB per rank."""
     cols = [("params", "params"), ("grads", "grads"), ("master_params", "master"),
             ("optimizer_projectors", "projectors"), ("optimizer_moments", "moments"),
-            ("activations", "activations"), ("comm_buffers", "comm buffers"), ("peak", "peak")]
+            ("activations", "activations"), ("comm_buffers", "comm buffers"),
+            ("optimizer_step_transient", "step temporaries"), ("peak", "peak")]
     out = ["| configuration | " + " | ".join(c for _, c in cols) + " |",
            "|---|" + "---:|" * len(cols)]
     for d in results:
@@ -940,11 +969,12 @@ def markdown_table(results: Sequence[dict[str, Any]], label: Any) -> str:
 PLOT_KEYS = (("params", "parameters"), ("grads", "gradients"), ("master_params", "master weights"),
              ("optimizer_projectors", "projectors"), ("optimizer_moments", "moments"),
              ("optimizer_scalars", "step/limiter"), ("activations", "activations"),
-             ("comm_buffers", "comm buffers"))
+             ("comm_buffers", "comm buffers"), ("temporaries", "temporaries"))
 
 
 def plot(results: Sequence[dict[str, Any]], path: str, title: str = "", label: Any = None) -> None:
-    """Stacked bars, one per configuration, one segment per component (GiB per rank); the peak as a tick."""
+    """Stacked bars, one per configuration (GiB per rank): what is alive at the peak (``peak_breakdown``), so
+    each bar's height is the peak; the phase of the peak is written above the bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -955,10 +985,12 @@ def plot(results: Sequence[dict[str, Any]], path: str, title: str = "", label: A
     xs = list(range(len(results)))
     bottom = [0.0] * len(results)
     for key, name in PLOT_KEYS:
-        vals = [d[key] / (1 << 30) for d in results]
+        vals = [d["peak_breakdown"][key] / (1 << 30) for d in results]
         ax.bar(xs, vals, bottom=bottom, label=name, width=0.7)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.scatter(xs, [d["peak"] / (1 << 30) for d in results], marker="_", s=400, color="black", label="peak", zorder=3)
+    short = {"forward/backward": "fwd/bwd", "end of backward": "bwd end", "optimizer step": "step"}
+    for x, d in zip(xs, results):
+        ax.text(x, d["peak"] / (1 << 30), short[d["peak_breakdown"]["phase"]], ha="center", va="bottom", fontsize=6)
     ax.set_xticks(xs)
     ax.set_xticklabels([label(d) for d in results], fontsize=7)
     ax.set_ylabel("GiB per rank")
@@ -995,6 +1027,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-world-size", default=None, metavar="W1,W2,...", nargs="?", const="1,8,64,512,4096",
                    help="one row per world size (default list 1,8,64,512,4096)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (GiB per rank)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="stacked bars per configuration")
     p.add_argument("--measure", action="store_true", help="run real steps and print measured next to estimated")
     p.add_argument("--measure-steps", type=int, default=3)
@@ -1061,6 +1094,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in measured:
             print(memory_measure.format_measurement(m))
             print()
+    elif args.markdown:
+        print(markdown_table(results, lambda d: f"{d['config']['optimizer']} / {d['config']['strategy']} / "
+                                                f"W={d['config']['world_size']}"))
     elif len(results) == 1:
         print(format_single(results[0]))
     else:
