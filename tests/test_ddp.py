@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_workers.ddp_fsdp_common import assert_matches, check_state_and_svd
+from dist_workers.ddp_fsdp_common import TWO_VARIANTS, assert_matches, check_state_and_svd
 from dist_workers.ddp_fsdp_launch import suite, single_reference, two_matrices_reference
 
 N_MATRICES_WITH_GRAD = 2 * 7 + 1  # q k v o gate up down per layer, lm_head (unused_proj has no gradient)
@@ -94,17 +94,25 @@ def test_ddp_comm_bytes_equal_formula(world):
 
 
 @pytest.mark.slow
-def test_a_rank_that_owns_nothing():
+@pytest.mark.parametrize("variant", TWO_VARIANTS)
+def test_a_rank_that_owns_nothing(variant):
     """Two matrices, three ranks: under the replicated layout rank 2 holds no state and computes no SVD; under
-    FSDP2 it holds no row of the (2, 20) matrix and owns no SVD. Both still match one process."""
-    ref = two_matrices_reference()
+    FSDP2 it holds no row of the (2, 20) matrix and owns no SVD. Both still match one process, for Fira,
+    GaLore, the randomized projector, and a NaN gradient (under FSDP2 in the last rank's rows only) that
+    every rank must skip, as one process skips the whole matrix."""
+    ref = two_matrices_reference(variant)
     run = suite(3)["two"]
-    rep, fs = run["replicated"], run["row_sharded"]
+    rep, fs = run[f"replicated:{variant}"], run[f"row_sharded:{variant}"]
     assert [r["layout"] for r in rep["ranks"]] == ["Replicated"] * 3
     assert [r["layout"] for r in fs["ranks"]] == ["RowSharded"] * 3
-    assert_matches(ref, rep, bitwise=True, what="replicated, rank owning nothing")
-    assert_matches(ref, fs, bitwise=False, what="FSDP2, rank owning nothing")
+    assert_matches(ref, rep, bitwise=True, what=f"replicated {variant}, rank owning nothing")
+    assert_matches(ref, fs, bitwise=False, what=f"FSDP2 {variant}, rank owning nothing")
     assert [r["svd_count"] > 0 for r in rep["ranks"]].count(False) == 1
     assert min(r["state_bytes"] for r in rep["ranks"]) == 0
     assert [r["svd_count"] > 0 for r in fs["ranks"]].count(False) == 1
     assert sorted(r["local_rows"]["b.weight"] for r in fs["ranks"]) == [0, 1, 1]
+    for r in fs["ranks"]:  # step counters are replicated under FSDP2: the same as one process's on every rank
+        assert r["steps"] == ref["steps"], (r["steps"], ref["steps"])
+    if variant == "nan":
+        assert ref["steps"]["a.weight"] == ref["steps"]["b.weight"] - 1
+        assert all(r["skipped"] == {"a.weight": 1} for r in fs["ranks"])

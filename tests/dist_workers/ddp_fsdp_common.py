@@ -135,23 +135,39 @@ def two_matrices_data(steps: int = 12, batch: int = 6) -> list[tuple[torch.Tenso
     return [(torch.randn(batch, 12, generator=g), torch.randn(batch, 2, generator=g)) for _ in range(steps)]
 
 
-def two_matrices_optimizer(model: nn.Module, **kw: Any):
+# variant -> optimizer options; "nan" also puts a NaN into a.weight's gradient at step NAN_STEP (under FSDP2
+# on one rank's rows only), which every rank must skip, as one process skips the whole matrix
+TWO_VARIANTS = {"fira": {}, "galore": {"algorithm": "galore"}, "randomized": {"projector": "randomized"},
+                "nan": {}}
+NAN_STEP = 3
+
+
+def two_matrices_optimizer(model: nn.Module, variant: str = "fira", **kw: Any):
     import fira_dist
 
-    return fira_dist.Fira([{"params": [model.a.weight, model.b.weight], "rank": 4, "update_proj_gap": 5,
-                            "alpha": 0.5}], lr=1e-2, **kw)
+    return fira_dist.Fira([{"params": [("a.weight", model.a.weight), ("b.weight", model.b.weight)], "rank": 4,
+                            "update_proj_gap": 5,
+                            "alpha": 0.5, **TWO_VARIANTS[variant]}], lr=1e-2, **kw)
 
 
 def two_matrices_run(model: nn.Module, opt, fwd: nn.Module | None = None, rank: int = 0, world: int = 1,
-                     split: bool = False) -> list[float]:
-    """Train on two_matrices_data(); split=True gives each rank its micro-batch (mean-reduced loss)."""
+                     split: bool = False, inject_nan: bool = False) -> list[float]:
+    """Train on two_matrices_data(); split=True gives each rank its micro-batch (mean-reduced loss);
+    inject_nan: put a NaN into this process's (local) gradient of a.weight at step NAN_STEP."""
+    import warnings
+
     losses = []
-    for x, y in two_matrices_data():
+    for i, (x, y) in enumerate(two_matrices_data()):
         if split:
             x, y = micro_batch(x, rank, world), micro_batch(y, rank, world)
         loss = torch.nn.functional.mse_loss((fwd or model)(x), y)
         loss.backward()
-        opt.step()
+        if inject_nan and i == NAN_STEP:
+            g = model.a.weight.grad
+            (g.to_local() if hasattr(g, "to_local") else g)[0, 0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses

@@ -84,13 +84,14 @@ def single_reference(steps: int = 32) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def two_matrices_reference() -> dict[str, Any]:
+def two_matrices_reference(variant: str = "fira") -> dict[str, Any]:
     from dist_workers.ddp_fsdp_common import TwoMatrices, two_matrices_optimizer, two_matrices_run
 
     def run():
         model = TwoMatrices()
-        opt = two_matrices_optimizer(model, layout="single")
-        losses = two_matrices_run(model, opt)
-        return {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        opt = two_matrices_optimizer(model, variant, layout="single")
+        losses = two_matrices_run(model, opt, inject_nan=variant == "nan")
+        return {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "steps": {n: float(opt.state[p]["step"]) for n, p in model.named_parameters()}}
 
     return one_thread(run)()

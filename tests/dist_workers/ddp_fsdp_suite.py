@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dist_workers.ddp_fsdp_common import (
+    TWO_VARIANTS,
     RunConfig,
     TwoMatrices,
     batches,
@@ -120,24 +121,32 @@ def part_two() -> dict:
     from torch.distributed.fsdp import fully_shard
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)))  # an explicit process group
+    mesh = init_device_mesh("cpu", (world,))  # an explicit device mesh
     result = {}
-    group = dist.new_group(list(range(world)))  # an explicit process group; every rank the whole batch
-    model = TwoMatrices()
-    opt = two_matrices_optimizer(model, layout="auto", process_group=group)
-    result["replicated"] = _two_collect(model, opt, two_matrices_run(model, opt))
-    mesh = init_device_mesh("cpu", (world,))  # FSDP2 on an explicit mesh, micro-batches
-    model = TwoMatrices()
-    fully_shard(model, mesh=mesh)
-    opt = two_matrices_optimizer(model, layout="auto", process_group=mesh)
-    lt = torch.tensor(two_matrices_run(model, opt, rank=rank, world=world, split=True))
-    dist.all_reduce(lt)
-    result["row_sharded"] = _two_collect(model, opt, (lt / world).tolist())
+    for variant in TWO_VARIANTS:
+        # replicated: every rank the whole batch (a NaN gradient then is NaN on every rank, as after DDP)
+        model = TwoMatrices()
+        opt = two_matrices_optimizer(model, variant, layout="auto", process_group=group)
+        losses = two_matrices_run(model, opt, inject_nan=variant == "nan")
+        result[f"replicated:{variant}"] = _two_collect(model, opt, losses)
+        # FSDP2, micro-batches (the NaN lands in the last rank's rows only)
+        model = TwoMatrices()
+        fully_shard(model, mesh=mesh)
+        opt = two_matrices_optimizer(model, variant, layout="auto", process_group=mesh)
+        lt = torch.tensor(two_matrices_run(model, opt, rank=rank, world=world, split=True,
+                                           inject_nan=variant == "nan" and rank == world - 1))
+        dist.all_reduce(lt)
+        result[f"row_sharded:{variant}"] = _two_collect(model, opt, (lt / world).tolist())
     return result
 
 
 def _two_collect(model, opt, losses) -> dict:
     mine = {"layout": type(opt.layout).__name__, "state_bytes": opt.layout.state_bytes(),
             "svd_count": opt.layout.svd_count,
+            "steps": {n: float(t) if (t := opt.state[p]["step"]).numel() == 1 else None  # None: a placeholder
+                      for n, p in model.named_parameters()},
+            "skipped": dict(opt.layout.skipped),
             "local_rows": {n: (p.to_local().shape[0] if hasattr(p, "to_local") else p.shape[0])
                            for n, p in model.named_parameters()}}
     return {"losses": losses, "params": full_params(model), "ranks": gather(mine)}
