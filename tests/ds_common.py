@@ -5,6 +5,7 @@ Imported both by pytest (the single-process reference, no process group) and by 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,6 +20,18 @@ VOCAB, SEQ, HIDDEN, LAYERS, HEADS, INTER = 128, 16, 64, 2, 4, 128
 # The Fira block the exactness tests use: update_proj_gap 5 (SVD refresh at steps 0, 5, 10, ...), rank 8.
 FIRA_PARAMS = {"lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01, "rank": 8, "update_proj_gap": 5,
                "alpha": 0.25, "proj_type": "std", "target_modules": ["attn", "mlp"]}
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the single-process references on one thread: on a shared 2-core machine, two intra-op threads
+    competing with other jobs make a 1 s run take 30 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def tiny_llama(seed: int = 0):
@@ -104,7 +117,7 @@ def single_process_run(steps: int, global_batch: int, fira: dict[str, Any] | Non
                             svd_log.append((names[id(p)], step, float(s[k - 1]), float(s[k])))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return {"losses": losses, "params": {n: p.detach().clone() for n, p in model.named_parameters()}, "opt": opt}
 
 
@@ -127,3 +140,60 @@ def min_relative_gap(svd_log: list) -> tuple[float, Any]:
         if gap < best:
             best, where = gap, (name, step, a, b)
     return best, where
+
+
+def svd_conditioning(steps: int, global_batch: int, fira: dict[str, Any] | None = None, trials: int = 3,
+                     seed: int = 0, clip: float = 0.0, noise: float = 1e-5) -> dict[str, Any]:
+    """How well-conditioned the projector refreshes of a single-process run are, at refreshes after step 0.
+
+    After step 0 Fira keeps its moments in the coordinates of the old projector (the reference never rotates
+    them), so the result depends on each singular vector (and its sign), not only on the subspace. Reported:
+    - flips: kept singular vectors that an additive perturbation of G (``noise`` x max |G|, i.e. 10x the drift
+      a distributed run accumulates over 20 steps) turns away from the unperturbed one (cos < 0.99, e.g. a sign
+      flip), summed over matrices, refreshes and ``trials``;
+    - min_sigma_ratio: smallest sigma_min / sigma_1 (~1e-9: a rank-deficient gradient. Its null space is
+      rounding noise, and the signs LAPACK's fp32 divide-and-conquer SVD returns can follow that noise);
+    - min_vector_gap: smallest (sigma_i - sigma_i+1) / sigma_1 over i <= k (how far apart the kept vectors are);
+    - min_cut_gap: smallest (sigma_k - sigma_k+1) / sigma_k (the subspace's gap).
+    """
+    from fira_dist.deepspeed import build_optimizer, parse_fira_block
+    from fira_dist.layouts.single import SingleProcess
+
+    block = parse_fira_block(fira if fira is not None else FIRA_PARAMS)
+    rank, gap = block.lowrank["rank"], block.lowrank["update_proj_gap"]
+    model = tiny_llama(seed)
+    opt = build_optimizer(model, block)
+    opt.layout = SingleProcess(opt)
+    low = {id(p) for g in opt.param_groups if g.get("rank") for p in g["params"]}
+    data = make_batches(steps, global_batch, seed)
+    g = torch.Generator().manual_seed(7)
+    out = {"flips": 0, "min_sigma_ratio": math.inf, "min_vector_gap": math.inf, "min_cut_gap": math.inf, "checked": 0}
+    for step in range(steps):
+        batch = data[step]
+        model(input_ids=batch, labels=batch).loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if step % gap == 0 and step > 0:
+            for p in model.parameters():
+                if id(p) not in low:
+                    continue
+                G = p.grad.detach().float()
+                k = min(rank, *G.shape)
+                s = torch.linalg.svdvals(G.double())
+                out["min_sigma_ratio"] = min(out["min_sigma_ratio"], float(s[-1] / s[0]))
+                if k < len(s):
+                    out["min_vector_gap"] = min(out["min_vector_gap"], float(((s[:k] - s[1:k + 1]) / s[0]).min()))
+                    out["min_cut_gap"] = min(out["min_cut_gap"], float((s[k - 1] - s[k]) / s[k - 1]))
+
+                def vecs(M):
+                    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+                    return Vh[:k] if M.shape[0] >= M.shape[1] else U[:, :k].T
+
+                base = vecs(G)
+                for _ in range(trials):
+                    noisy = G + noise * G.abs().max() * torch.randn(G.shape, generator=g)
+                    out["flips"] += int(((vecs(noisy) * base).sum(1) < 0.99).sum())
+                out["checked"] += trials * k
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out

@@ -62,7 +62,7 @@ def run_job(job: dict, out: Path) -> None:
         assert path is not None, "checkpoint not loaded"
         start = job["save_at"]
     data = make_batches(steps, micro * gas * W, job.get("seed", 0))
-    losses = []
+    losses, norms = [], []
     for step in range(start, steps):
         batch = data[step]
         acc = torch.zeros(())
@@ -75,15 +75,18 @@ def run_job(job: dict, out: Path) -> None:
             acc += loss.detach().float() / gas
         dist.all_reduce(acc)
         losses.append(float(acc) / W)
+        gn = engine.get_global_grad_norm()
+        norms.append(float(gn) if gn is not None else None)
         if job.get("save_at") == step + 1 and not job.get("load"):
             engine.save_checkpoint(job["ckpt"], tag="ckpt")
     params = full_params(engine, stage)
     layout = opt.layout
-    mine = {"state_bytes": layout.state_bytes(), "unit_state_bytes": layout.unit_state_bytes()}
+    mine = {"state_bytes": layout.state_bytes(), "unit_state_bytes": layout.unit_state_bytes(),
+            "projectors": layout.projectors()}
     gathered = [None] * W
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        torch.save({"losses": losses, "params": params, "state": gathered, "owners": layout.owners(),
+        torch.save({"losses": losses, "grad_norms": norms, "params": params, "state": gathered, "owners": layout.owners(),
                     "comm": layout.comm_stats(), "engine_step": layout.engine_step, "global_step": opt.global_step,
                     "mode": layout.mode, "wrapper": type(engine.optimizer).__name__,
                     "global_steps": engine.global_steps}, out / f"{job['name']}.pt")

@@ -601,6 +601,18 @@ class FlatPartition:
                     out[u.name] = sum(t.numel() * t.element_size() for t in v.values() if isinstance(t, torch.Tensor))
         return out
 
+    def projectors(self) -> dict[str, torch.Tensor]:
+        """Per matrix this rank owns: its current projector (a copy, on CPU)."""
+        out = {}
+        for key, v in self.opt.state.items():
+            if self.mode == "partitioned":
+                for name, ust in v.get(UNITS, {}).items():
+                    if "projector" in ust:
+                        out[name] = ust["projector"].detach().cpu().clone()
+            elif "projector" in v and id(key) in self.units:
+                out[self.units[id(key)].name] = v["projector"].detach().cpu().clone()
+        return out
+
     def owners(self) -> dict[str, int]:
         """Owner rank per matrix (partitioned) or per tensor (replicated)."""
         if self.mode == "replicated":

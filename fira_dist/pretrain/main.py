@@ -320,8 +320,11 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
         raise UsageError(f"--tokenizer={args.tokenizer!r} could not be loaded: {e}") from None
     try:
         config = M.get_model_config(args.model, tokenizer=tokenizer)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(f"--model={args.model!r} is not accepted: {e}") from None
+    except Exception as e:  # also transformers' own checks of a config.json (TypeError, StrictDataclass...Error)
+        why = " ".join(str(e).split())
+        if not isinstance(e, (ValueError, OSError)):
+            why = f"{type(e).__name__}: {why}"
+        raise UsageError(f"--model={args.model!r} is not accepted: {why}") from None
     spec = None
     looks_like_path = os.sep in args.model or args.model.endswith(".json") or os.path.exists(args.model)
     if not looks_like_path:

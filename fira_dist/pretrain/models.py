@@ -257,6 +257,8 @@ def get_model_config(name_or_path: str, vocab_size: Optional[int] = None, tokeni
                                 f"({', '.join(MODEL_CONFIGS)}) or a transformers config.json path")
     with open(path) as f:
         raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object (a transformers LlamaConfig), got {type(raw).__name__}")
     if raw.get("model_type", "llama") != "llama":
         raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not 'llama'")
     if "max_sequence_length" in raw and "max_position_embeddings" not in raw:
