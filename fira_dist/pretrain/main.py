@@ -361,7 +361,7 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
     ds_config, zero_stage, ds_scheduler = None, None, False
     if strategy == "deepspeed":
         (ds_config, zero_stage, ds_scheduler, optimizer, lr, weight_decay, rank, update_proj_gap, alpha, grad_clip,
-         mbs, grad_accum, bf16) = _merge_ds_config(
+         mbs, grad_accum, bf16, target_modules) = _merge_ds_config(
             args, explicit, launch, notes, optimizer=optimizer, lr=lr, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, alpha=alpha, grad_clip=grad_clip, mbs=mbs, grad_accum=grad_accum,
             bf16=bf16, target_modules=target_modules, total=args.total_batch_size)
@@ -543,6 +543,9 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
 
     # clipping
     if "gradient_clipping" in cfg:
+        gc = cfg["gradient_clipping"]
+        if isinstance(gc, bool) or not isinstance(gc, (int, float)) or not math.isfinite(gc) or gc < 0:
+            raise UsageError(f"{src}: gradient_clipping={gc!r} is not accepted; expected a number >= 0 (0: off)")
         if "grad-clip" in explicit and cfg["gradient_clipping"] != grad_clip:
             conflict("gradient_clipping", "grad-clip", grad_clip, cfg["gradient_clipping"], hard=False)
         grad_clip = float(cfg["gradient_clipping"])
@@ -596,9 +599,10 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
                     params[key] = value
             optimizer = block_opt
             try:
-                from fira_dist.deepspeed import parse_fira_block
+                from fira_dist.deepspeed import check_ds_config, parse_fira_block
 
                 fb = parse_fira_block(params)
+                check_ds_config(cfg)  # offload, elastic checkpoints: refused now, not after start-up
             except ImportError:
                 fb = None
             except ValueError as e:
@@ -606,6 +610,7 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
             if fb is not None:
                 lr, weight_decay = fb.defaults["lr"], fb.defaults["weight_decay"]
                 rank, update_proj_gap, alpha = fb.lowrank["rank"], fb.lowrank["update_proj_gap"], fb.lowrank["alpha"]
+                target_modules = tuple(fb.target_modules)  # what the run uses (the dry run checks these)
         elif kind in ("adamw", "adam"):
             if "optimizer" in explicit and optimizer != "adamw":
                 conflict("optimizer.type", "optimizer", optimizer, block["type"], hard=False)
@@ -624,7 +629,7 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
     cfg.setdefault("steps_per_print", 2**31 - 1)
     cfg.setdefault("wall_clock_breakdown", False)
     return (cfg, zero_stage, ds_scheduler, optimizer, lr, weight_decay, rank, update_proj_gap, alpha, grad_clip,
-            mbs, grad_accum, bf16)
+            mbs, grad_accum, bf16, target_modules)
 
 
 # ----------------------------------------------------------------------------------------------- dry run
