@@ -1286,6 +1286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         if launch.rank == 0:
             print(f"fira-dist pretrain: error: {e}", file=sys.stderr)
+            if not args.dry_run:  # torchrun reports 1: the launch scripts read the 2 from exit_status.json
+                write_exit_status(args.output_dir, EXIT_USAGE, f"usage: {e}", None, None)
         return EXIT_USAGE
     trainer = Trainer(plan)
     try:
@@ -1293,6 +1295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trainer.run()
     except UsageError as e:
         log.error("%s", e)
+        if launch.rank == 0:
+            write_exit_status(plan.output_dir, EXIT_USAGE, f"usage: {e}", trainer.step, None)
         return EXIT_USAGE
     except Exception as e:
         if D.is_dist() and _is_dist_failure(e):
