@@ -141,6 +141,11 @@ def discover(env: Mapping[str, str] | None = None, mpi_rendezvous: bool = True) 
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"launch environment ({launcher}) gives rank {rank} and world size {world}: "
                          "need 0 <= rank < world size")
+    if local is not None and local < 0:
+        raise ValueError(f"launch environment ({launcher}) gives local rank {local} (LOCAL_RANK, SLURM_LOCALID or the "
+                         "MPI local rank): not accepted; expected an integer >= 0")
+    if world > 1 and port is not None and not 0 < port < 65536:
+        raise ValueError(f"MASTER_PORT={port} is not accepted: expected a port number 1-65535")
     local_world = _local_world(env, world) if world > 1 else 1
     if world > 1 and (addr is None or port is None):
         raise ValueError(f"launch environment ({launcher}) gives world size {world} but no MASTER_ADDR/MASTER_PORT "
