@@ -198,20 +198,17 @@ def test_dry_run_7b_configs_at_64_gpus(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- one node
-@pytest.mark.slow
-def test_torchrun_single_node_signal_checkpoints_and_resumes(tmp_path):
-    """2 processes under torchrun; SIGUSR1 to the script -> torchrun -> trainers: a checkpoint and exit 3; the rerun
-    of the same command resumes from it and finishes."""
-    out = tmp_path / "out"
-    env = _env(GPUS_PER_NODE=2, STRATEGY="ddp", MODEL="llama_tiny", OUTPUT_DIR=out,
-               EXTRA_ARGS="--max-steps 40 --keep-last 0 --log-every 1 --eval-every 0")
+def _preempt_then_resume(tmp_path, script: str, steps: int, env: dict[str, str]) -> tuple[str, str, int]:
+    """Run `script`; at "step 2/" send it SIGUSR1: it must exit 3 leaving one checkpoint (reason preempted). Run it
+    again with the same environment: it must resume from that checkpoint and finish. Returns both logs and the
+    checkpoint's step."""
+    out = Path(env["OUTPUT_DIR"])
     log = tmp_path / "first.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(["bash", str(LAUNCH / "torchrun_single_node.sh")], cwd=REPO, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(["bash", str(LAUNCH / script)], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while "step 2/40" not in log.read_text():
+        while f"step 2/{steps}" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)
@@ -221,29 +218,44 @@ def test_torchrun_single_node_signal_checkpoints_and_resumes(tmp_path):
             proc.kill()
     first = log.read_text()
     assert rc == 3, first[-6000:]
-    assert "--nproc-per-node=2" in first and "the trainers exited 3" in first, first[-6000:]
+    assert "got SIGUSR1: asking the trainers to checkpoint and stop" in first, first[-6000:]
     ckpts = _checkpoints(out)
     assert len(ckpts) == 1, (ckpts, first[-6000:])
     (k, manifest), = ckpts.items()
-    assert manifest["reason"] == "preempted" and 2 <= k < 40, manifest
-    second = subprocess.run(["bash", str(LAUNCH / "torchrun_single_node.sh")], cwd=REPO, env=env, timeout=300,
+    assert manifest["reason"] == "preempted" and 2 <= k < steps, manifest
+    second = subprocess.run(["bash", str(LAUNCH / script)], cwd=REPO, env=env, timeout=300,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert second.returncode == 0, second.stdout[-6000:]
     assert f"resumed from {out}/checkpoints/step_{k:08d} at step {k}" in second.stdout, second.stdout[-6000:]
-    assert "ddp x 2 rank(s)" in second.stdout, second.stdout[-6000:]
-    _check_finished(out, 40, second.stdout, world=2, strategy="ddp")
+    return first, second.stdout, k
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_hostfile_one_node(tmp_path):
+def test_torchrun_single_node_preempted_then_resumed(tmp_path):
+    """2 processes under torchrun (DDP); SIGUSR1 to the script -> torchrun -> trainers: a checkpoint and exit 3 (the
+    script reads the trainers' code: torchrun itself reports 1); the rerun resumes and finishes."""
+    out = tmp_path / "out"
+    env = _env(GPUS_PER_NODE=2, STRATEGY="ddp", MODEL="llama_tiny", OUTPUT_DIR=out,
+               EXTRA_ARGS="--max-steps 40 --keep-last 0 --log-every 1 --eval-every 0")
+    first, second, _ = _preempt_then_resume(tmp_path, "torchrun_single_node.sh", 40, env)
+    assert "--nproc-per-node=2" in first and "the trainers exited 3" in first, first[-6000:]
+    assert "ddp x 2 rank(s)" in second, second[-6000:]
+    _check_finished(out, 40, second, world=2, strategy="ddp")
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_hostfile_one_node_preempted_then_resumed(tmp_path):
+    """The deepspeed launcher with hostfile `localhost slots=2` (ZeRO-1): SIGUSR1 to the script reaches both trainers
+    (it walks the launcher's process tree), exit 3; the rerun resumes and finishes."""
     hosts = tmp_path / "hostfile"
     hosts.write_text("localhost slots=2\n")
     out = tmp_path / "out"
-    p = _run("deepspeed_multinode.sh", HOSTFILE=hosts, MODEL="llama_tiny", DS_CONFIG="ds_configs/llama_60m_zero1.json",
-             MASTER_PORT=_free_port(), OUTPUT_DIR=out, EXTRA_ARGS=f"--max-steps 2 {TOY}")
-    assert p.returncode == 0, p.stdout[-6000:]
-    assert "--local_rank=1" in p.stdout and "ZeRO-1 x 2 rank(s)" in p.stdout, p.stdout[-6000:]
-    _check_finished(out, 2, p.stdout, world=2, strategy="deepspeed")
+    env = _env(HOSTFILE=hosts, MODEL="llama_tiny", DS_CONFIG="ds_configs/llama_60m_zero1.json",
+               MASTER_PORT=_free_port(), OUTPUT_DIR=out, EXTRA_ARGS=f"--max-steps 8 --keep-last 0 {TOY}")
+    first, second, _ = _preempt_then_resume(tmp_path, "deepspeed_multinode.sh", 8, env)
+    assert first.count("[launch] SIGUSR1 -> pid") == 2, first[-6000:]
+    assert "--local_rank=1" in second and "ZeRO-1 x 2 rank(s)" in second, second[-6000:]
+    _check_finished(out, 8, second, world=2, strategy="deepspeed")
 
 
 @pytest.mark.slow
