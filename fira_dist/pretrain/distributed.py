@@ -218,6 +218,10 @@ def init_process_group(le: LaunchEnv, device, timeout_s: float, deepspeed: bool 
     """
     import torch.distributed as dist
 
+    if not le.distributed and (le.master_addr is None or le.master_port is None):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # DeepSpeed wants a rendezvous even for one
+            s.bind(("127.0.0.1", 0))
+            le = dataclasses.replace(le, master_addr=le.master_addr or "127.0.0.1", master_port=s.getsockname()[1])
     export(le)
     timeout = datetime.timedelta(seconds=float(timeout_s))
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -1085,8 +1085,12 @@ class Trainer:
 
         plan = self.plan
         t0 = time.perf_counter()
-        it = iter(self.eval_loader)
-        batches = list(itertools.islice(it, plan.eval_batches) if plan.eval_batches else it)
+        try:
+            it = iter(self.eval_loader)
+            batches = list(itertools.islice(it, plan.eval_batches) if plan.eval_batches else it)
+        except RuntimeError as e:  # a streaming rank whose share of the held-out documents is too small
+            log.warning("rank %d has no evaluation batch (%s)", self.rank, e)
+            batches = []
         n = torch.tensor(float(len(batches)), dtype=torch.float64, device=self.device)
         if D.is_dist():
             dist.all_reduce(n, op=dist.ReduceOp.MIN)  # streaming shares may differ; FSDP needs equal forwards
@@ -1107,6 +1111,9 @@ class Trainer:
         if was_training:
             self.fwd.train()
         loss = (tot[0] / tot[1]).item() if tot[1] > 0 else float("nan")
+        if tot[1] == 0 and self.rank == 0:
+            log.warning("evaluation at step %d had no batches on some rank: give more held-out data (--eval-data, "
+                        "--val-fraction) or fewer ranks", self.step)
         return {"step": self.step, "kind": "eval", "eval_loss": loss,
                 "eval_ppl": math.exp(loss) if loss < 700 else float("inf"), "eval_tokens": int(tot[1].item()),
                 "eval_time": time.perf_counter() - t0}
