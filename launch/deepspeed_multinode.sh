@@ -120,7 +120,8 @@ CMD=("${DS[@]}" "$ENTRY" "${ARGS[@]}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export MASTER_ADDR MASTER_PORT  # the slurm / MPI backends start the ranks with this environment
 echo "[launch] $NAME: MODEL=$MODEL DS_CONFIG=$DS_CONFIG NODES=$NODES GPUS_PER_NODE=$GPUS_PER_NODE" \
-     "MASTER=$MASTER_ADDR:$MASTER_PORT LAUNCHER=$( ((LOCAL_ONLY)) && echo local || echo "$LAUNCHER") OUTPUT_DIR=$OUTPUT_DIR"
+     "MASTER=$MASTER_ADDR:$MASTER_PORT LAUNCHER=$(if [[ $NO_SSH == 1 ]]; then echo "no_ssh NODE_RANK=$NODE_RANK"
+     elif ((LOCAL_ONLY)); then echo local; else echo "$LAUNCHER"; fi) OUTPUT_DIR=$OUTPUT_DIR"
 echo "[launch] ${CMD[*]}"
 
 # --- run; SIGTERM/SIGUSR1 -> SIGUSR1 to the trainers (or to srun/mpirun, which pass it on) ---------------

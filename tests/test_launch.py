@@ -310,23 +310,31 @@ def test_slurm_mpi_sbatch_two_nodes(slurm, tmp_path):
 DS_ON_SLURM = """\
 #!/bin/bash
 #SBATCH --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --time=10
-# the deepspeed launcher's slurm backend inside an allocation: a hostfile of the allocated nodes
+# the deepspeed launcher across the allocated nodes: a hostfile of them, then either its slurm backend (srun
+# starts the ranks) or the script started on every node with NO_SSH=1 and the node's rank
 set -euo pipefail
 scontrol show hostnames "$SLURM_JOB_NODELIST" | sed 's/$/ slots=1/' > "$HOSTFILE"
-exec launch/deepspeed_multinode.sh
+if [[ $MODE == slurm ]]; then
+  LAUNCHER=slurm launch/deepspeed_multinode.sh
+else
+  srun --ntasks-per-node=1 bash -c 'NO_SSH=1 NODE_RANK=$SLURM_NODEID exec launch/deepspeed_multinode.sh'
+fi
 """
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_slurm_backend_two_nodes(slurm, tmp_path):
+@pytest.mark.parametrize("mode", ["slurm", "no_ssh"])
+def test_deepspeed_launcher_two_nodes(slurm, tmp_path, mode):
     out = tmp_path / "out"
-    job = tmp_path / "ds_on_slurm.sbatch"
+    job = tmp_path / "ds_two_nodes.sbatch"
     job.write_text(DS_ON_SLURM)
     res = slurm.submit_and_wait(job, timeout=300, env=_job_env(
-        out, HOSTFILE=tmp_path / "hostfile", LAUNCHER="slurm", DS_CONFIG="ds_configs/llama_60m_zero2.json",
+        out, HOSTFILE=tmp_path / "hostfile", MODE=mode, DS_CONFIG="ds_configs/llama_60m_zero2.json",
         EXTRA_ARGS=f"--max-steps 2 {TOY}"))
     assert res.ok, res.describe(8000)
-    assert "NODES=2 GPUS_PER_NODE=1 MASTER=n1:29500 LAUNCHER=slurm" in res.output, res.describe(8000)
+    expect = ["LAUNCHER=slurm"] if mode == "slurm" else ["LAUNCHER=no_ssh NODE_RANK=0", "LAUNCHER=no_ssh NODE_RANK=1"]
+    for e in expect:
+        assert f"NODES=2 GPUS_PER_NODE=1 MASTER=n1:29500 {e}" in res.output, res.describe(8000)
     assert "ZeRO-2 x 2 rank(s)" in res.output, res.describe(8000)
     _check_finished(out, 2, res.output, world=2, strategy="deepspeed")
 
