@@ -3,26 +3,29 @@
 ``fira-dist memory --model llama_7b --optimizer fira --rank 64 --strategy zero2 --world-size 64`` prints
 one rank's bytes of parameters, gradients, master weights, optimizer states (projectors and moments
 apart), activations, communication buffers and the peak. ``--compare`` tabulates optimizers x strategies,
-``--sweep-world-size`` world sizes, ``--json`` prints machine-readable figures, ``--plot F.png`` draws
-stacked bars, ``--measure`` runs real steps and prints measured next to estimated (memory_measure.py).
+``--sweep-world-size`` world sizes, ``--json`` / ``--markdown`` print machine-readable figures / a table,
+``--plot F.png`` draws one stacked bar per configuration (what is alive at its peak), ``--measure`` runs real
+steps and prints measured next to estimated (memory_measure.py). docs/memory.md has the 7B tables.
 
 Where the numbers come from (nothing here is a hand-kept table of model sizes):
 
 - Shapes: the real ``LlamaForCausalLM`` built on the meta device (``fira_dist.pretrain.models``), and the
   real param groups (``fira_dist.param_groups``: which matrices are low rank).
 - Optimizer state: the shapes the optimizer allocates (``projector.projector_shape`` /
-  ``lowrank_shape``, ``side_for``), placed on ranks by the rules each layout uses: the owner map
-  (``layouts.owners.assign_owners`` on ``lowrank_state_numel``) for replicated and flat-partitioned
-  gradients, FSDP2's dim-0 chunks for row-sharded ones. The multi-process tests check these bytes against
-  the optimizer's actual state tensors, exactly.
+  ``lowrank_shape``, ``side_for``), placed on ranks by the rules each layout uses: the owner maps
+  (``layouts.owners.assign_owners`` on ``lowrank_state_numel``) and row splits of ``Replicated`` (DDP), the
+  owner map and partition pieces of ``FlatPartition`` (ZeRO), the row/column shards of ``RowSharded``
+  (FSDP2). The tests check these bytes against the optimizer's actual state tensors, exactly, on 2 processes
+  and, through the layouts' own planning code on the meta device, at 8 and 64 ranks.
 - Parameters, gradients and master weights: the framework's own sizing rules (DeepSpeed's flat-buffer
   alignment, ZeRO-3's per-parameter padding and persistence threshold, FSDP2's padded dim-0 shards,
   DDP's gradient buckets), each quoted where it is used.
 - Activations: what HF LLaMA saves for backward, per token and layer, derived op by op in
   ``activation_bytes`` and checked exactly against ``saved_tensors_hooks`` in the tests.
 
-Byte figures are per rank. "peak" is an estimate of the high-water mark of one training step (see
-``_peak``); the other keys are exact for the layouts the tests cover, up to the notes in ``notes``.
+Byte figures are per rank. The optimizer-state, parameter, gradient, master-weight and saved-activation
+figures are exact for what the tests cover; buffers, transients and "peak" (the high-water mark of one
+step, see ``_peak``) are estimates, checked against the CPU allocator's high-water mark (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from fira_dist.projector import effective_rank, lowrank_shape, projector_shape, 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp2")
 OPTIMIZERS = ("adamw", "galore", "fira")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")  # all but eager: no (s, s) matrix kept
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 # The keys every configuration carries (bytes per rank); finer keys are listed in ``estimate``.
@@ -52,7 +55,6 @@ DS_REDUCE_BUCKET_SIZE = 500_000_000
 DS_PREFETCH_BUCKET_SIZE = 50_000_000
 DS_PARAM_PERSISTENCE_THRESHOLD = 100_000
 DS_SUB_GROUP_SIZE = 1_000_000_000
-DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -553,7 +555,7 @@ def activation_bytes(info: ModelInfo, micro_batch: int, seq_len: int, pattern: s
         norm_out_1 = norm_out_2 = norm_out_final = B * h
     norm = 4 * h + 4 + Y * h
     attn = B * (2 * q + 2 * kv)
-    if attention == "sdpa":
+    if attention != "eager":  # sdpa / flash kernels keep q, k, v, the output and the fp32 logsumexp
         attn += 4 * info.heads
     else:
         attn += (4 + (B if pattern != "fp32" else 0)) * info.heads * seq_len
@@ -904,7 +906,8 @@ ROWS = (
     ("optimizer_moments", "optimizer: moments"),
     ("optimizer_scalars", "optimizer: step/limiter"),
     ("optimizer_states", "optimizer states (total)"),
-    ("activations", "activations"),
+    ("activations_saved", "activations: saved for bwd"),
+    ("activations", "activations (with transients)"),
     ("comm_buffers", "communication buffers"),
     ("optimizer_step_transient", "optimizer step temporaries"),
     ("peak", "peak"),

@@ -172,15 +172,21 @@ class SavedActivations:
 
 class CpuAllocPeak:
     """Live bytes of the CPU allocator and their peak over the context, from torch.profiler's memory events
-    (every allocation and free on CPU is recorded; ``peak`` is relative to the bytes live at entry).
+    (every allocation and free on CPU is recorded; byte counts are relative to what was live at entry).
 
-    ``mark(name)`` records the live bytes at that point (``marks``). Costs some speed: for measurements.
+    ``mark()`` records a point in the event stream (by allocating and freeing a tensor of a unique odd size);
+    after exit ``peak_since_mark`` is the high-water mark from the last mark on (e.g. the training steps
+    without the model's construction). Costs some speed: for measurements.
     """
+
+    _MARK_BYTES = 7_654_321  # an allocation size nothing else makes
 
     def __init__(self) -> None:
         self._prof: Any = None
+        self._marks = 0
         self.peak = 0
         self.end = 0
+        self.peak_since_mark: int | None = None
 
     def __enter__(self) -> "CpuAllocPeak":
         from torch.profiler import ProfilerActivity, profile
@@ -189,15 +195,29 @@ class CpuAllocPeak:
         self._prof.__enter__()
         return self
 
+    def mark(self) -> None:
+        self._marks += 1
+        t = torch.empty(self._MARK_BYTES + self._marks, dtype=torch.uint8)
+        del t
+
     def __exit__(self, *exc: Any) -> None:
         self._prof.__exit__(*exc)
         events = sorted((e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
         cur = peak = 0
+        since: int | None = None
+        last_mark = self._MARK_BYTES + self._marks
         for _, nb in events:
+            if self._marks and nb == last_mark and since is None:
+                since = cur  # the marker itself is not counted
+                continue
+            if self._marks and nb == -last_mark:  # the marker's free
+                continue
             cur += nb
             peak = max(peak, cur)
-        self.peak, self.end = peak, cur
+            if since is not None:
+                since = max(since, cur)
+        self.peak, self.end, self.peak_since_mark = peak, cur, since
 
 
 def rss_bytes() -> int:
@@ -308,12 +328,13 @@ def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Any, Any, Any, Any]
     return engine, model, opt, engine
 
 
-def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0) -> dict[str, Any]:
+def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0, profile: bool = True) -> dict[str, Any]:
     """Train ``steps`` steps of cfg on this rank (already in a torchrun / single process) and return the
     measured figures (bytes): params, grads, master_params (after backward of the last step),
     optimizer_states and its parts (after the last step), activations_saved (last forward),
     activations_logits, peak_allocated (CPU allocator via the profiler, or CUDA max_memory_allocated),
-    peak_rss. The first step allocates the optimizer state; the last step's figures are reported."""
+    peak_rss. The first step allocates the optimizer state; the last step's figures are reported.
+    profile=False skips the CPU allocator's peak (the profiler slows steps down); peak_allocated is then None."""
     rank, world = _dist_env()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
     if world > 1 and not torch.distributed.is_initialized():
@@ -327,7 +348,7 @@ def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0) -> dict[str, Any]:
         torch.cuda.set_device(device)
     out: dict[str, Any] = {"rank": rank, "world_size": world, "device": str(device)}
     gc.collect()  # garbage of an earlier configuration freed while profiling would count as negative bytes
-    prof = CpuAllocPeak() if device.type == "cpu" else contextlib.nullcontext()
+    prof = CpuAllocPeak() if device.type == "cpu" and profile else contextlib.nullcontext()
     with prof:
         torch.manual_seed(seed)
         model_call, module, opt, engine = _build(cfg, device)
@@ -337,6 +358,8 @@ def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0) -> dict[str, Any]:
                     if cfg.precision == "bf16-mixed" and cfg.strategy in ("single", "ddp") else contextlib.nullcontext())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        elif profile:
+            prof.mark()  # the training steps' peak, without the construction's transients (DDP's broadcast...)
         for step in range(steps):
             x = torch.randint(0, vocab, (cfg.micro_batch, cfg.seq_len), generator=gen).to(device)
             saved = SavedActivations()
@@ -363,7 +386,8 @@ def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0) -> dict[str, Any]:
     del model_call, module, opt, engine, saved
     gc.collect()
     if device.type == "cpu":
-        out["peak_allocated"] = prof.peak
+        out["peak_allocated"] = prof.peak_since_mark if profile else None
+        out["peak_allocated_with_setup"] = prof.peak if profile else None
     else:
         out["peak_allocated"] = cuda_peak_bytes()
     out["peak_rss"] = peak_rss_bytes()
@@ -492,11 +516,12 @@ def format_measurement(m: dict[str, Any]) -> str:
         meas["optimizer_projectors"] = meas.get("projectors")
         meas["optimizer_moments"] = meas.get("moments")
         meas["optimizer_scalars"] = meas.get("scalars")
-        meas["activations"] = meas.get("activations_saved", 0) + meas.get("activations_logits", 0)
+        meas["activations"] = None  # transients are only seen in the peak
         meas["peak"] = meas.get("peak_allocated")
         lines.append(format_single(r["estimated"], measured=meas))
-        lines.append(f"measured peak RSS {human(meas['peak_rss'])} (includes the Python/torch runtime); measured "
-                     "activations = saved for backward + logits, estimated adds the largest transient")
+        where = "CUDA max_memory_allocated" if str(r["measured"].get("device", "")).startswith("cuda") else \
+            "CPU allocator, torch.profiler memory events"
+        lines.append(f"measured peak: {where}; peak RSS {human(meas['peak_rss'])} (includes the Python/torch runtime)")
     return "\n".join(lines)
 
 
