@@ -16,7 +16,6 @@ one process, and 2 processes (torchrun, gloo) under ddp, fsdp2 and deepspeed ZeR
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -1,0 +1,748 @@
+"""The flags of ``fira-dist pretrain``, their validation into a :class:`Plan`, and the dry run.
+
+:func:`resolve` checks every flag before anything is started (and the ds_config, data paths, tokenizer,
+resume checkpoint): a bad value raises :class:`UsageError` naming the flag, the value and what is accepted
+(exit 2). :func:`dry_run` prints the plan with the model on the meta device.
+
+Exit codes (also written to ``OUTPUT/exit_status.json`` by rank 0, since ``torchrun`` reports 1 for any
+failing worker):
+
+    0  done (--max-steps reached)
+    1  unexpected error (traceback in the log)
+    2  bad flag or config value: the message names the flag, the value and what is accepted
+    3  EXIT_REQUEUE: SIGTERM or SIGUSR1 received; every rank finished the same step and a checkpoint was
+       written; requeue the job with the same command (``--resume auto``, the default, picks it up)
+    4  --max-bad-steps consecutive non-finite steps; a checkpoint of the last good state was written
+    5  a collective failed or waited longer than --dist-timeout (a rank died or hangs)
+
+Precedence under ``--strategy deepspeed``: the ds_config wins. Its optimizer block (``"type": "fira"`` with
+``params``), batch sizes, ``bf16`` and ``gradient_clipping`` are used as written; the CLI fills in what the
+config lacks (an ``optimizer`` block is added from --optimizer/--lr/--rank/... when there is none). An
+explicitly given batch flag that disagrees with the config is an error; other disagreeing flags are
+ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fira_dist.pretrain import checkpoint as C
+from fira_dist.pretrain import distributed as D
+from fira_dist.pretrain.train_utils import EXIT_OK
+
+log = logging.getLogger("fira_dist.pretrain")
+
+STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")
+OPTIMIZERS = ("fira", "galore", "adamw")
+FSDP_META_INIT_PARAMS = 1_000_000_000  # --init auto: FSDP2 models above this size are built on the meta device
+
+
+class UsageError(ValueError):
+    """A bad flag or config value; the message names it, its value and what is accepted."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # raise instead of sys.exit, so main() returns 2 with the message
+        raise UsageError(message)
+
+
+# ----------------------------------------------------------------------------------------------- flags
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fira-dist pretrain", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Pretrain a LLaMA (transformers LlamaForCausalLM) with Fira, GaLore or AdamW under one "
+                            "process, DDP, FSDP2 or DeepSpeed.",
+                epilog=__doc__[__doc__.index("Exit codes"):])
+    g = p.add_argument_group("model and strategy")
+    g.add_argument("--model", default="llama_60m",
+                   help="a table name (llama_tiny, llama_demo, llama_9m ... llama_7b; '60m' works too) or a transformers "
+                        "config.json (GaLore's configs/llama_*.json work). Default llama_60m")
+    g.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="single (one process), ddp, fsdp2 (fully_shard per decoder layer), deepspeed (needs "
+                        "--deepspeed). Default: single for one process, ddp for several")
+    g.add_argument("--deepspeed", metavar="PATH", help="ds_config JSON for --strategy deepspeed (it wins; see below)")
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 compute with fp32 master weights and optimizer state (autocast for single/ddp, "
+                        "MixedPrecisionPolicy for fsdp2, the ds_config's bf16 block for deepspeed)")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    g.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu (gloo)")
+    g.add_argument("--init", choices=("auto", "full", "meta"), default="auto",
+                   help="fsdp2 only: build the full model on every rank then shard it (full), or shard on the meta "
+                        "device and initialise the shards (meta; needed for big models). auto: meta above 1B params")
+
+    g = p.add_argument_group("optimizer (defaults: the model's Fira hyper-parameters, fira_dist.pretrain.models)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default fira")
+    g.add_argument("--rank", type=int, help="Fira/GaLore projection rank")
+    g.add_argument("--update-proj-gap", type=int, help="steps between projector (SVD) refreshes")
+    g.add_argument("--alpha", type=float, help="scale of the low-rank update (GaLore's 'scale')")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default 0)")
+    g.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off; default: the "
+                                                     "model's, 0 below 3B)")
+    g.add_argument("--target-modules", help="comma-separated substrings of nn.Linear module names that get the "
+                                            "low-rank treatment (default attn,mlp)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 10%% of --max-steps)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine ends at this fraction of --lr (0.1)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (default: the model's num_training_steps)")
+
+    g = p.add_argument_group("batch")
+    g.add_argument("--micro-batch-size", type=int, help="sequences per rank per micro-step (default 8)")
+    g.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    g.add_argument("--total-batch-size", type=int,
+                   help="sequences per optimizer step over all ranks; sets --grad-accum (exclusive with it)")
+    g.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's, 256 for the papers')")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="GLOB", help="local text files: a file, folder or glob of .txt/.json/.jsonl/"
+                                                  ".parquet/.csv (optionally .gz ...)")
+    g.add_argument("--eval-data", metavar="GLOB", help="held-out files for --data (default: hold out --val-fraction)")
+    g.add_argument("--val-fraction", type=float, default=0.01,
+                   help="with --data and no --eval-data: share of documents held out for eval (0.01)")
+    g.add_argument("--dataset", metavar="NAME", help="Hugging Face dataset name (allenai/c4 as in the paper; needs the "
+                                                     "hub) or a save_to_disk folder. Neither --data nor --dataset: "
+                                                     "the embedded English corpus")
+    g.add_argument("--dataset-config", help="dataset config (default 'en' for allenai/c4)")
+    g.add_argument("--streaming", action="store_true", help="stream --dataset/--data (documents dealt to ranks)")
+    g.add_argument("--text-field", default="text", help="column with the text (default text)")
+    g.add_argument("--tokenizer", metavar="NAME_OR_PATH",
+                   help="tokenizer name (t5-base as in the paper; needs the hub or a cache), folder or tokenizer.json. "
+                        "Default: the embedded 8192-token tokenizer (offline)")
+    g.add_argument("--max-documents", type=int, help="use only the first N documents (quick tests)")
+    g.add_argument("--seed", type=int, default=0, help="model init and data order (0)")
+
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, help="evaluate every N steps, at step 0 and at the end (0: never; "
+                                                  "default 1000)")
+    g.add_argument("--eval-batches", type=int, default=20, help="micro-batches per rank per evaluation (20; 0: all)")
+    g.add_argument("--log-every", type=int, default=10, help="log a line every N steps when stderr is no terminal")
+    g.add_argument("--output-dir", default="runs/pretrain", help="metrics.jsonl, tensorboard/, checkpoints/, "
+                                                               "summary.json, exit_status.json")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps and at the end (0: only on preemption "
+                                                  "or bad steps; default 1000)")
+    g.add_argument("--keep-last", type=int, default=2, help="keep the N newest checkpoints (0: all; default 2)")
+    g.add_argument("--resume", default="auto", help="auto (the latest complete checkpoint in OUTPUT/checkpoints, "
+                                                    "if any), none, or a checkpoint folder")
+    g.add_argument("--no-tensorboard", action="store_true", help="metrics to metrics.jsonl only")
+
+    g = p.add_argument_group("reliability")
+    g.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop (exit 4) after N consecutive non-finite steps (each is skipped; default 5)")
+    g.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a collective may wait before the job fails with exit 5 (default 1800)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate flags, config and launch environment, build the model on the meta device and print "
+                        "the plan (world size, per-rank memory estimate, low-rank matrices); allocates nothing")
+    g.add_argument("--dry-run-world-size", type=int, help="plan for this many ranks instead of the launch environment's")
+
+    g = p.add_argument_group("fault injection (tests; rank 0 unless said)")
+    g.add_argument("--inject-nan-at", default="", metavar="STEPS", help="comma-separated steps (1-based) whose loss "
+                                                                        "is made NaN on rank 0")
+    g.add_argument("--inject-signal-at", type=int, metavar="STEP", help="rank 0 sends itself SIGUSR1 during this step")
+    g.add_argument("--inject-hang-at", type=int, metavar="STEP", help="the last rank stops taking part in collectives in this "
+                                                                        "step (until signalled): tests --dist-timeout")
+
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- plan
+@dataclasses.dataclass
+class Plan:
+    """Every setting of a run, validated and with defaults resolved."""
+
+    model: str
+    model_config: Any  # transformers.LlamaConfig
+    spec_name: str | None
+    strategy: str
+    deepspeed_path: str | None
+    ds_config: dict | None
+    zero_stage: int | None
+    bf16: bool
+    activation_checkpointing: bool
+    attn_implementation: str
+    device_request: str
+    init: str
+    optimizer: str
+    rank: int
+    update_proj_gap: int
+    alpha: float
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    target_modules: tuple[str, ...]
+    warmup_steps: int
+    min_lr_ratio: float
+    max_steps: int
+    ds_scheduler: bool
+    micro_batch_size: int
+    grad_accum: int
+    seq_len: int
+    data: str | None
+    eval_data: str | None
+    val_fraction: float | None
+    dataset: str | None
+    dataset_config: str | None
+    streaming: bool
+    text_field: str
+    tokenizer_name: str | None
+    tokenizer: Any
+    max_documents: int | None
+    seed: int
+    eval_every: int
+    eval_batches: int
+    log_every: int
+    output_dir: str
+    save_every: int
+    keep_last: int
+    resume: str
+    resume_from: Path | None
+    tensorboard: bool
+    max_bad_steps: int
+    dist_timeout: float
+    dry_run: bool
+    launch: D.LaunchEnv
+    inject_nan_at: frozenset[int]
+    inject_signal_at: int | None
+    inject_hang_at: int | None
+    notes: list[str]
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def summary_args(self) -> dict[str, Any]:
+        skip = {"model_config", "tokenizer", "ds_config", "launch", "notes", "resume_from"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and not k.startswith("inject")}
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+
+def _flag(name: str, value: Any, accepted: str) -> UsageError:
+    return UsageError(f"--{name}={value!r} is not accepted; expected {accepted}")
+
+
+def _need(cond: bool, name: str, value: Any, accepted: str) -> None:
+    if not cond:
+        raise _flag(name, value, accepted)
+
+
+def _int_at_least(args, name: str, lo: int) -> None:
+    v = getattr(args, name.replace("-", "_"))
+    if v is not None:
+        _need(v >= lo, name, v, f"an integer >= {lo}")
+
+
+def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -> Plan:
+    """Validate every flag (and the ds_config, data paths, tokenizer, resume checkpoint) and fill defaults.
+    Raises UsageError naming the flag, the value and what is accepted. Allocates nothing big."""
+    from fira_dist.pretrain import data as DATA
+    from fira_dist.pretrain import models as M
+
+    notes: list[str] = []
+    # -- plain ranges first (cheap, independent)
+    for name, lo in (("rank", 1), ("update-proj-gap", 1), ("max-steps", 1), ("micro-batch-size", 1),
+                     ("grad-accum", 1), ("total-batch-size", 1), ("seq-len", 2), ("eval-every", 0),
+                     ("eval-batches", 0), ("log-every", 1), ("save-every", 0), ("keep-last", 0), ("seed", 0),
+                     ("max-bad-steps", 1), ("warmup-steps", 0), ("max-documents", 1), ("dry-run-world-size", 1)):
+        _int_at_least(args, name, lo)
+    for name, lo_open in (("alpha", True), ("lr", True), ("weight-decay", False), ("grad-clip", False),
+                          ("dist-timeout", True)):
+        v = getattr(args, name.replace("-", "_"))
+        if v is not None:
+            ok = math.isfinite(v) and (v > 0 if lo_open else v >= 0)
+            _need(ok, name, v, "a finite number " + ("> 0" if lo_open else ">= 0"))
+    _need(0.0 <= args.min_lr_ratio <= 1.0, "min-lr-ratio", args.min_lr_ratio, "a number in [0, 1]")
+    _need(0.0 <= args.val_fraction < 1.0, "val-fraction", args.val_fraction, "a number in [0, 1)")
+    if args.total_batch_size is not None and args.grad_accum is not None:
+        raise UsageError(f"--total-batch-size={args.total_batch_size} and --grad-accum={args.grad_accum} are not "
+                         "accepted together; give one (--total-batch-size sets --grad-accum)")
+
+    # -- launch environment and strategy
+    if args.dry_run_world_size is not None:
+        if not args.dry_run:
+            raise UsageError("--dry-run-world-size is only accepted with --dry-run")
+        launch = dataclasses.replace(launch, world_size=args.dry_run_world_size,
+                                     local_world_size=min(launch.local_world_size, args.dry_run_world_size),
+                                     rank=0, launcher=f"{launch.launcher} (--dry-run-world-size)")
+    strategy = args.strategy or ("deepspeed" if args.deepspeed else "single" if launch.world_size == 1 else "ddp")
+    if strategy == "single" and launch.world_size > 1:
+        raise UsageError(f"--strategy=single is not accepted with {launch.world_size} processes (launcher "
+                         f"{launch.launcher}); expected ddp, fsdp2 or deepspeed, or launch one process")
+    if strategy == "deepspeed" and not args.deepspeed:
+        raise UsageError("--strategy=deepspeed needs --deepspeed PATH (a ds_config JSON, e.g. ds_configs/demo_zero2.json)")
+    if args.deepspeed and strategy != "deepspeed":
+        raise UsageError(f"--deepspeed={args.deepspeed!r} is only accepted with --strategy deepspeed (got "
+                         f"--strategy={strategy})")
+    if args.init != "auto" and strategy != "fsdp2":
+        raise UsageError(f"--init={args.init!r} is only accepted with --strategy fsdp2 (got --strategy={strategy})")
+    if strategy in ("ddp", "fsdp2", "deepspeed") and launch.world_size == 1:
+        notes.append(f"--strategy {strategy} with one process")
+
+    # -- tokenizer and model
+    try:
+        tokenizer = DATA.load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--tokenizer={args.tokenizer!r} could not be loaded: {e}") from None
+    try:
+        config = M.get_model_config(args.model, tokenizer=tokenizer)
+    except Exception as e:  # also transformers' own checks of a config.json (TypeError, StrictDataclass...Error)
+        why = " ".join(str(e).split())
+        if not isinstance(e, (ValueError, OSError)):
+            why = f"{type(e).__name__}: {why}"
+        raise UsageError(f"--model={args.model!r} is not accepted: {why}") from None
+    spec = None
+    looks_like_path = os.sep in args.model or args.model.endswith(".json") or os.path.exists(args.model)
+    if not looks_like_path:
+        spec = M.get_spec(args.model)
+    hp = spec.fira if spec else M.MODEL_CONFIGS["llama_60m"].fira
+    if spec is None:
+        notes.append(f"--model {args.model} is a config file: optimizer defaults are llama_60m's")
+
+    optimizer = args.optimizer or "fira"
+    rank = args.rank or min(hp.rank, config.hidden_size)
+    update_proj_gap = args.update_proj_gap or hp.update_proj_gap
+    alpha = args.alpha if args.alpha is not None else hp.alpha
+    lr = args.lr if args.lr is not None else hp.lr
+    weight_decay = args.weight_decay if args.weight_decay is not None else hp.weight_decay
+    grad_clip = args.grad_clip if args.grad_clip is not None else hp.grad_clipping
+    max_steps = args.max_steps or hp.num_training_steps
+    warmup = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
+    _need(warmup <= max_steps, "warmup-steps", warmup, f"an integer in [0, --max-steps={max_steps}]")
+    seq_len = args.seq_len or min(hp.seq_len, config.max_position_embeddings)
+    _need(seq_len <= config.max_position_embeddings, "seq-len", seq_len,
+          f"an integer in [2, {config.max_position_embeddings}] (the model's max_position_embeddings)")
+    target_modules = tuple(t.strip() for t in (args.target_modules or "attn,mlp").split(",") if t.strip())
+    _need(bool(target_modules), "target-modules", args.target_modules, "comma-separated module-name substrings, "
+                                                                       "e.g. attn,mlp")
+    if optimizer == "adamw":
+        for name in ("rank", "update-proj-gap", "alpha", "target-modules"):
+            if name in explicit:
+                notes.append(f"--{name} is ignored with --optimizer adamw")
+    mbs = args.micro_batch_size or 8
+    grad_accum = args.grad_accum or 1
+    bf16 = bool(args.bf16)
+
+    # -- DeepSpeed: the ds_config wins, the CLI fills in
+    ds_config, zero_stage, ds_scheduler = None, None, False
+    if strategy == "deepspeed":
+        (ds_config, zero_stage, ds_scheduler, optimizer, lr, weight_decay, rank, update_proj_gap, alpha, grad_clip,
+         mbs, grad_accum, bf16, target_modules) = _merge_ds_config(
+            args, explicit, launch, notes, optimizer=optimizer, lr=lr, weight_decay=weight_decay, rank=rank,
+            update_proj_gap=update_proj_gap, alpha=alpha, grad_clip=grad_clip, mbs=mbs, grad_accum=grad_accum,
+            bf16=bf16, target_modules=target_modules, total=args.total_batch_size)
+    elif args.total_batch_size is not None:
+        per = mbs * launch.world_size
+        if args.total_batch_size % per:
+            raise UsageError(f"--total-batch-size={args.total_batch_size} is not accepted; expected a multiple of "
+                             f"--micro-batch-size x world size = {mbs} x {launch.world_size} = {per}")
+        grad_accum = args.total_batch_size // per
+
+    # -- data
+    if args.data and args.dataset:
+        raise UsageError(f"--data={args.data!r} and --dataset={args.dataset!r} are not accepted together; give one")
+    if args.eval_data and not args.data:
+        raise UsageError(f"--eval-data={args.eval_data!r} is only accepted with --data")
+    for name in ("data", "eval_data"):
+        v = getattr(args, name)
+        if v:
+            try:
+                DATA.resolve_data_files(v)
+            except (FileNotFoundError, ValueError) as e:
+                raise UsageError(f"--{name.replace('_', '-')}={v!r} is not accepted: {e}") from None
+    if args.dataset and os.sep in args.dataset and not os.path.isdir(args.dataset) and not args.dataset.count("/") == 1:
+        raise UsageError(f"--dataset={args.dataset!r} is not accepted: no such folder, and not a hub name (owner/name)")
+    val_fraction = args.val_fraction if (args.data and not args.eval_data) else None
+    eval_every = args.eval_every if args.eval_every is not None else 1000
+    if val_fraction == 0.0:
+        val_fraction = None
+        if eval_every:
+            raise UsageError("--val-fraction=0 with --data and no --eval-data leaves nothing to evaluate; give "
+                             "--eval-data, a --val-fraction in (0, 1), or --eval-every 0")
+
+    # -- output and resume
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True) if not args.dry_run else None
+    except OSError as e:
+        raise UsageError(f"--output-dir={args.output_dir!r} cannot be created: {e}") from None
+    if not args.dry_run and not os.access(out, os.W_OK):
+        raise UsageError(f"--output-dir={args.output_dir!r} is not writable")
+    if args.resume not in ("auto", "none") and not Path(args.resume).exists():
+        raise UsageError(f"--resume={args.resume!r} is not accepted; expected auto, none or an existing checkpoint folder")
+    try:
+        resume_from = C.resolve_resume(args.resume, out / "checkpoints")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if resume_from is not None:
+        _check_resume_compat(resume_from, strategy, optimizer, config, launch.world_size, seq_len, args.resume)
+
+    nan_at: set[int] = set()
+    if args.inject_nan_at:
+        try:
+            nan_at = {int(s) for s in args.inject_nan_at.split(",") if s.strip()}
+        except ValueError:
+            raise _flag("inject-nan-at", args.inject_nan_at, "comma-separated step numbers") from None
+
+    return Plan(
+        model=args.model, model_config=config, spec_name=spec.name if spec else None, strategy=strategy,
+        deepspeed_path=args.deepspeed, ds_config=ds_config, zero_stage=zero_stage, bf16=bf16,
+        activation_checkpointing=args.activation_checkpointing, attn_implementation=args.attn_implementation,
+        device_request=args.device, init=args.init, optimizer=optimizer, rank=rank, update_proj_gap=update_proj_gap,
+        alpha=alpha, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, target_modules=target_modules,
+        warmup_steps=warmup, min_lr_ratio=args.min_lr_ratio, max_steps=max_steps, ds_scheduler=ds_scheduler,
+        micro_batch_size=mbs, grad_accum=grad_accum, seq_len=seq_len, data=args.data, eval_data=args.eval_data,
+        val_fraction=val_fraction, dataset=args.dataset, dataset_config=args.dataset_config,
+        streaming=args.streaming, text_field=args.text_field, tokenizer_name=args.tokenizer, tokenizer=tokenizer,
+        max_documents=args.max_documents, seed=args.seed, eval_every=eval_every, eval_batches=args.eval_batches,
+        log_every=args.log_every, output_dir=str(out),
+        save_every=args.save_every if args.save_every is not None else 1000, keep_last=args.keep_last,
+        resume=args.resume, resume_from=resume_from, tensorboard=not args.no_tensorboard,
+        max_bad_steps=args.max_bad_steps, dist_timeout=args.dist_timeout, dry_run=args.dry_run, launch=launch,
+        inject_nan_at=frozenset(nan_at), inject_signal_at=args.inject_signal_at, inject_hang_at=args.inject_hang_at,
+        notes=notes)
+
+
+def _check_resume_compat(path: Path, strategy: str, optimizer: str, config: Any, world: int, seq_len: int,
+                         flag: str) -> None:
+    m = C.read_manifest(path) or {}
+    saved_ds = m.get("strategy") == "deepspeed"
+    if saved_ds != (strategy == "deepspeed"):
+        raise UsageError(f"--resume={flag!r}: checkpoint {path} was written by --strategy {m.get('strategy')} and "
+                         f"cannot be loaded by --strategy {strategy} (DeepSpeed checkpoints load under deepspeed only, "
+                         "DCP ones under single/ddp/fsdp2); use --resume none or another --output-dir")
+    if saved_ds and m.get("world_size") != world:
+        raise UsageError(f"--resume={flag!r}: DeepSpeed checkpoint {path} was written by {m.get('world_size')} ranks, "
+                         f"this job has {world}; expected the same world size")
+    if m.get("optimizer") != optimizer:
+        raise UsageError(f"--resume={flag!r}: checkpoint {path} holds --optimizer {m.get('optimizer')} state, this run "
+                         f"uses --optimizer {optimizer}")
+    saved_cfg = (m.get("model") or {}).get("config", {})
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key in saved_cfg and saved_cfg[key] != getattr(config, key):
+            raise UsageError(f"--resume={flag!r}: checkpoint {path} has {key}={saved_cfg[key]}, --model gives "
+                             f"{getattr(config, key)}; expected the same model (and tokenizer)")
+    if m.get("seq_len") not in (None, seq_len):
+        raise UsageError(f"--resume={flag!r}: checkpoint {path} was trained with --seq-len {m.get('seq_len')}, "
+                         f"this run has {seq_len}")
+
+
+def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_decay, rank, update_proj_gap, alpha,
+                     grad_clip, mbs, grad_accum, bf16, target_modules, total):
+    """Read, validate and complete the ds_config. Returns the merged dict and the values the run will use."""
+    path = args.deepspeed
+    src = f"--deepspeed={path!r}"
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{src} is not accepted: no such file; expected a ds_config JSON file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{src} is not accepted: cannot read it as JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{src} is not accepted: expected a JSON object, got {type(raw).__name__}")
+    cfg = copy.deepcopy(raw)
+    world = launch.world_size
+
+    def conflict(key: str, flag: str, cli: Any, conf: Any, hard: bool) -> None:
+        msg = f"{src}: {key}={conf!r} disagrees with --{flag}={cli!r}"
+        if hard:
+            raise UsageError(msg + "; remove one of them or make them agree (the ds_config wins when the flag is "
+                                   "not given)")
+        notes.append(msg + f"; the ds_config wins (--{flag} ignored)")
+
+    def num(key: str, conf: Any) -> int:
+        if isinstance(conf, bool) or not isinstance(conf, int) or conf < 1:
+            raise UsageError(f"{src}: {key}={conf!r} is not accepted; expected an integer >= 1 or \"auto\"")
+        return conf
+
+    # batch sizes
+    conf_mbs = cfg.get("train_micro_batch_size_per_gpu", "auto")
+    if conf_mbs != "auto":
+        conf_mbs = num("train_micro_batch_size_per_gpu", conf_mbs)
+        if "micro-batch-size" in explicit and conf_mbs != mbs:
+            conflict("train_micro_batch_size_per_gpu", "micro-batch-size", mbs, conf_mbs, hard=True)
+        mbs = conf_mbs
+    conf_gas = cfg.get("gradient_accumulation_steps", "auto")
+    conf_tbs = cfg.get("train_batch_size", "auto")
+    if conf_gas != "auto":
+        conf_gas = num("gradient_accumulation_steps", conf_gas)
+        if "grad-accum" in explicit and conf_gas != grad_accum:
+            conflict("gradient_accumulation_steps", "grad-accum", grad_accum, conf_gas, hard=True)
+        grad_accum = conf_gas
+    elif conf_tbs != "auto":
+        conf_tbs = num("train_batch_size", conf_tbs)
+        if conf_tbs % (mbs * world):
+            raise UsageError(f"{src}: train_batch_size={conf_tbs} is not a multiple of micro-batch x world size = "
+                             f"{mbs} x {world}")
+        grad_accum = conf_tbs // (mbs * world)
+    elif total is not None:
+        if total % (mbs * world):
+            raise _flag("total-batch-size", total, f"a multiple of micro-batch x world size = {mbs} x {world}")
+        grad_accum = total // (mbs * world)
+    if total is not None and total != mbs * grad_accum * world:
+        conflict("train_batch_size", "total-batch-size", total, mbs * grad_accum * world, hard=True)
+    if conf_tbs != "auto" and conf_tbs != mbs * grad_accum * world:
+        raise UsageError(f"{src}: train_batch_size={conf_tbs} is not accepted; expected train_micro_batch_size_per_gpu "
+                         f"x gradient_accumulation_steps x world size = {mbs} x {grad_accum} x {world} = "
+                         f"{mbs * grad_accum * world}")
+    cfg["train_micro_batch_size_per_gpu"] = mbs
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = mbs * grad_accum * world
+
+    # precision
+    if (cfg.get("fp16") or {}).get("enabled"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{src}: fp16.enabled=true is not accepted on CPU (DeepSpeed's fp16 needs a GPU); expected "
+                             "bf16 or fp32")
+        if bf16:
+            conflict("fp16.enabled", "bf16", True, True, hard=True)
+    bf16_block = cfg.get("bf16")
+    if isinstance(bf16_block, dict) and "enabled" in bf16_block:
+        if "bf16" in explicit and bool(bf16_block["enabled"]) != bf16:
+            conflict("bf16.enabled", "bf16", bf16, bf16_block["enabled"], hard=False)
+        bf16 = bool(bf16_block["enabled"])
+    else:
+        cfg["bf16"] = {**(bf16_block or {}), "enabled": bf16}
+
+    # clipping
+    if "gradient_clipping" in cfg:
+        gc = cfg["gradient_clipping"]
+        if isinstance(gc, bool) or not isinstance(gc, (int, float)) or not math.isfinite(gc) or gc < 0:
+            raise UsageError(f"{src}: gradient_clipping={gc!r} is not accepted; expected a number >= 0 (0: off)")
+        if "grad-clip" in explicit and cfg["gradient_clipping"] != grad_clip:
+            conflict("gradient_clipping", "grad-clip", grad_clip, cfg["gradient_clipping"], hard=False)
+        grad_clip = float(cfg["gradient_clipping"])
+    else:
+        cfg["gradient_clipping"] = grad_clip
+
+    # ZeRO
+    zero = cfg.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise UsageError(f"{src}: zero_optimization must be a JSON object")
+    zero_stage = zero.get("stage", 0)
+    if zero_stage not in (0, 1, 2, 3):
+        raise UsageError(f"{src}: zero_optimization.stage={zero_stage!r} is not accepted; expected 0, 1, 2 or 3")
+
+    # optimizer: the config's block wins; the CLI fills what it lacks
+    block = cfg.get("optimizer")
+    if block is None:
+        if optimizer == "adamw":
+            cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
+                                                             "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
+        else:
+            params = {"lr": lr, "weight_decay": weight_decay, "rank": rank, "update_proj_gap": update_proj_gap,
+                      "alpha": alpha, "target_modules": list(target_modules)}
+            if optimizer == "galore":
+                params["algorithm"] = "galore"
+            cfg["optimizer"] = {"type": "fira", "params": params}
+    else:
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise UsageError(f"{src}: optimizer must be an object with a \"type\" (e.g. \"fira\")")
+        params = block.setdefault("params", {})
+        if not isinstance(params, dict):
+            raise UsageError(f"{src}: optimizer.params must be a JSON object")
+        kind = block["type"].lower()
+        if kind == "fira":
+            block_opt = "galore" if str(params.get("algorithm", "fira")).lower() == "galore" else "fira"
+            fill = {"lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay), "rank": ("rank", rank),
+                    "update_proj_gap": ("update-proj-gap", update_proj_gap), "alpha": ("alpha", alpha),
+                    "target_modules": ("target-modules", list(target_modules))}
+            if "alpha" not in params and "scale" in params:
+                fill.pop("alpha")
+            if "algorithm" not in params and optimizer == "galore":
+                params["algorithm"] = "galore"
+                block_opt = "galore"
+            elif "optimizer" in explicit and optimizer != block_opt:
+                conflict("optimizer.params.algorithm", "optimizer", optimizer, block_opt, hard=False)
+            for key, (flag, value) in fill.items():
+                if key in params:
+                    if flag in explicit and params[key] != value:
+                        conflict(f"optimizer.params.{key}", flag, value, params[key], hard=False)
+                else:
+                    params[key] = value
+            optimizer = block_opt
+            try:
+                from fira_dist.deepspeed import check_ds_config, parse_fira_block
+
+                fb = parse_fira_block(params)
+                check_ds_config(cfg)  # offload, elastic checkpoints: refused now, not after start-up
+            except ImportError:
+                fb = None
+            except ValueError as e:
+                raise UsageError(f"{src}: {e}") from None
+            if fb is not None:
+                lr, weight_decay = fb.defaults["lr"], fb.defaults["weight_decay"]
+                rank, update_proj_gap, alpha = fb.lowrank["rank"], fb.lowrank["update_proj_gap"], fb.lowrank["alpha"]
+                target_modules = tuple(fb.target_modules)  # what the run uses (the dry run checks these)
+        elif kind in ("adamw", "adam"):
+            if "optimizer" in explicit and optimizer != "adamw":
+                conflict("optimizer.type", "optimizer", optimizer, block["type"], hard=False)
+            optimizer = "adamw"
+            if "lr" not in params:
+                params["lr"] = lr
+            lr = params["lr"]
+            params.setdefault("torch_adam", True)
+        else:
+            raise UsageError(f"{src}: optimizer.type={block['type']!r} is not accepted; expected \"fira\" (Fira or, "
+                             "with params.algorithm \"galore\", GaLore) or \"AdamW\"")
+    ds_scheduler = "scheduler" in cfg
+    if ds_scheduler:
+        notes.append(f"{src} has a scheduler block: DeepSpeed's scheduler sets the learning rate "
+                     "(--warmup-steps / --min-lr-ratio ignored)")
+    cfg.setdefault("steps_per_print", 2**31 - 1)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return (cfg, zero_stage, ds_scheduler, optimizer, lr, weight_decay, rank, update_proj_gap, alpha, grad_clip,
+            mbs, grad_accum, bf16, target_modules)
+
+
+# ----------------------------------------------------------------------------------------------- dry run
+def dry_run(plan: Plan) -> int:
+    """Print the plan: nothing is allocated (model on the meta device), no process group is started."""
+    import torch
+
+    from fira_dist.pretrain import models as M
+
+    t0 = time.perf_counter()
+    model = M.build_model(plan.model_config, device="meta", dtype="bf16" if plan.bf16 else "fp32")
+    n_params = sum(p.numel() for p in model.parameters())
+    low, other = _lowrank_split(model, plan)
+    cfg = plan.model_config
+    le = plan.launch
+    lines = ["fira-dist pretrain --dry-run: the plan (model on the meta device; nothing allocated, no process group)"]
+    add = lines.append
+    per_node = "" if "dry-run-world-size" in le.launcher else \
+        f" ({le.local_world_size} per node, {le.num_nodes} node(s))"
+    add(f"launch       {le.launcher}: world size {le.world_size}{per_node}; this process is rank {le.rank}" + (f", rendezvous {le.master_addr}:{le.master_port}"
+                                                        if le.world_size > 1 and le.master_addr else ""))
+    dev = "cuda" if plan.device_request == "cuda" or (plan.device_request == "auto" and torch.cuda.is_available()) \
+        else "cpu"
+    strat = plan.strategy + (f" ZeRO-{plan.zero_stage} ({plan.deepspeed_path})" if plan.strategy == "deepspeed" else "")
+    add(f"strategy     {strat}; device {dev} ({'nccl' if dev == 'cuda' else 'gloo'}); "
+        f"{'bf16 compute, fp32 master weights' if plan.bf16 else 'fp32'}; activation checkpointing "
+        f"{'on' if plan.activation_checkpointing else 'off'}; --dist-timeout {plan.dist_timeout:.0f} s")
+    add(f"model        {plan.model}: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, heads "
+        f"{cfg.num_attention_heads}, layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size} "
+        f"(tokenizer {plan.tokenizer_name or 'embedded'}); {n_params / 1e6:,.2f}M parameters")
+    if plan.optimizer == "adamw":
+        add(f"optimizer    adamw lr {plan.lr:g}, weight decay {plan.weight_decay:g}: every parameter full rank")
+    else:
+        n_low = sum(p.numel() for _, p in low)
+        add(f"optimizer    {plan.optimizer} rank {plan.rank}, update_proj_gap {plan.update_proj_gap}, alpha "
+            f"{plan.alpha:g}, lr {plan.lr:g}, weight decay {plan.weight_decay:g}, grad clip {plan.grad_clip:g}")
+        add(f"low rank     {len(low)} matrices, {n_low / 1e6:,.2f}M parameters ({100 * n_low / n_params:.1f}%), "
+            f"target modules {','.join(plan.target_modules)}:")
+        from fira_dist.projector import side_for
+
+        kinds: dict[tuple[str, tuple[int, ...]], int] = {}
+        for name, p in low:
+            key = (_kind_of(name), tuple(p.shape))
+            kinds[key] = kinds.get(key, 0) + 1
+        for (kind, shape), count in kinds.items():
+            side = side_for(shape, "std")
+            add(f"               {count:4d} x {kind:<28s} {shape[0]:>6d} x {shape[1]:<6d} ({side} projection, "
+                f"state {min(plan.rank, min(shape))} x {max(shape)} x 2 + projector)")
+        add(f"full rank    {len(other)} tensors ({sum(p.numel() for _, p in other) / 1e6:,.2f}M parameters: "
+            "embeddings, norms, lm_head ...) get plain Adam")
+    add(f"batch        micro {plan.micro_batch_size} x seq {plan.seq_len} x grad-accum {plan.grad_accum} x "
+        f"{plan.world_size} rank(s) = {plan.global_batch} sequences = {plan.tokens_per_step:,} tokens per step")
+    add(f"schedule     {plan.max_steps} steps ({plan.max_steps * plan.tokens_per_step / 1e9:.3g}B tokens), warm-up "
+        f"{plan.warmup_steps}, cosine to {plan.min_lr_ratio:g} x lr" + (" (ds_config scheduler)" if plan.ds_scheduler
+                                                                         else ""))
+    add(f"data         {_data_desc(plan)}")
+    add(f"eval/ckpt    eval every {plan.eval_every or '-'} ({plan.eval_batches or 'all'} batches/rank); save every "
+        f"{plan.save_every or '-'} (keep {plan.keep_last or 'all'}) in {plan.output_dir}/checkpoints; resume: "
+        + (f"from {plan.resume_from}" if plan.resume_from else f"start fresh (--resume {plan.resume})"))
+    add("memory       per-rank estimate:")
+    add(_indent(_memory_estimate(plan), 13))
+    for n in plan.notes:
+        add(f"note         {n}")
+    if plan.ds_config is not None:
+        add("ds_config    " + json.dumps(plan.ds_config, sort_keys=True))
+    add(f"checks       OK ({time.perf_counter() - t0:.1f} s)")
+    if le.rank == 0:
+        print("\n".join(lines), flush=True)
+    return EXIT_OK
+
+
+def _indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + line for line in text.splitlines())
+
+
+def _kind_of(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(p for p in parts if not p.isdigit() and p not in ("model", "layers", "weight"))
+
+
+def _data_desc(plan: Plan) -> str:
+    if plan.data:
+        from fira_dist.pretrain import data as DATA
+
+        _, files = DATA.resolve_data_files(plan.data)
+        ev = f"eval {plan.eval_data}" if plan.eval_data else f"{plan.val_fraction:g} held out for eval"
+        return f"{len(files)} local file(s) {plan.data} ({ev})" + (", streaming" if plan.streaming else "")
+    if plan.dataset:
+        return f"dataset {plan.dataset}" + (", streaming" if plan.streaming else "") + " (not opened in a dry run)"
+    return "the embedded English corpus (fira_dist/data)"
+
+
+def _memory_estimate(plan: Plan) -> str:
+    try:
+        from fira_dist import memory as MEM
+    except ImportError:
+        MEM = None
+    strategy = plan.strategy if plan.strategy != "deepspeed" else (
+        "ddp" if plan.zero_stage == 0 else f"zero{plan.zero_stage}")
+    if MEM is not None:
+        logging.getLogger("fira_dist.optimizer").setLevel(logging.WARNING)  # its per-matrix listing is the plan's
+        try:
+            cfg = MEM.MemoryConfig(model=plan.spec_name or "llama_60m", optimizer=plan.optimizer, rank=plan.rank,
+                                   target_modules=plan.target_modules, strategy=strategy,
+                                   world_size=plan.world_size, precision="bf16-mixed" if plan.bf16 else "fp32",
+                                   micro_batch=plan.micro_batch_size, seq_len=plan.seq_len,
+                                   activation_checkpointing=plan.activation_checkpointing,
+                                   attention=plan.attn_implementation, vocab_size=plan.model_config.vocab_size)
+            if plan.spec_name is None:
+                return "(fira_dist.memory estimates table models only; --model is a config file)"
+            return MEM.format_single(MEM.estimate(cfg))
+        except Exception as e:  # the estimator is another module: report, do not fail the dry run
+            return f"(fira_dist.memory could not estimate this configuration: {type(e).__name__}: {e})"
+    return "(fira_dist.memory is not available)"
+
+
+def _lowrank_split(model, plan: Plan):
+    """(name, param) of the matrices the low-rank group gets, and of the rest (same rule as param_groups)."""
+    import torch
+
+    picked = set()
+    if plan.optimizer != "adamw":
+        for mname, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and any(t in mname for t in plan.target_modules):
+                picked.add(f"{mname}.weight")
+        if not picked:
+            names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:4]
+            raise UsageError(f"--target-modules={','.join(plan.target_modules)!r} matched no nn.Linear module; names "
+                             f"look like {names}")
+    low = [(n, p) for n, p in model.named_parameters() if n in picked]
+    other = [(n, p) for n, p in model.named_parameters() if n not in picked]
+    return low, other
