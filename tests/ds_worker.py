@@ -6,7 +6,7 @@ jobs.json is a list of jobs; each builds a fresh tiny LLaMA and engine and train
     {"name", "stage", "dtype", "steps", "micro", "gas", "clip", "fira": {...} (optional),
      "entry": "initialize" (fira_dist.deepspeed.initialize) | "plain" (register() + deepspeed.initialize),
      "save_at": k (save a checkpoint after k steps) , "load": true (load it first and continue from there),
-     "ckpt": dir, "expect_error": substring (the job must fail with it)}
+     "ckpt": dir, "expect_error": substring (the job must fail with it), "grad_accum_dtype": "fp32"}
 Rank 0 writes OUTDIR/<name>.pt: losses per step, final full parameters (fp32), every rank's Fira state
 bytes, per-matrix state bytes and owners, the comm stats and the engine step count.
 """
@@ -47,7 +47,8 @@ def run_job(job: dict, out: Path) -> None:
 
     W, rank = dist.get_world_size(), dist.get_rank()
     stage, steps, micro, gas = job["stage"], job["steps"], job.get("micro", 2), job.get("gas", 1)
-    cfg = ds_config(stage, job.get("dtype", "fp32"), micro, gas, W, job.get("clip", 0.0), job.get("fira"))
+    cfg = ds_config(stage, job.get("dtype", "fp32"), micro, gas, W, job.get("clip", 0.0), job.get("fira"),
+                    grad_accum_dtype=job.get("grad_accum_dtype"))
     model = tiny_llama(job.get("seed", 0))
     if job.get("entry", "initialize") == "plain":
         fds.register()

@@ -1,8 +1,9 @@
 """DeepSpeed layouts: ZeRO-1/2/3 flat partitions, and ZeRO-0 (replicated gradients), owner-computes.
 
-Under ZeRO-1/2 (and DeepSpeed's BF16_Optimizer) the client optimizer sees ONE flat fp32 tensor per param
-group, holding this rank's contiguous slice of the group's parameters laid end to end; under ZeRO-3 one flat
-tensor per sub-group, holding this rank's slice of EACH parameter in it. Partition boundaries fall in the
+Under ZeRO-1/2 (and DeepSpeed's BF16_Optimizer: bf16 + ZeRO-1 + fp32 gradient accumulation) the client
+optimizer sees ONE flat fp32 tensor per param group, holding this rank's contiguous slice of the group's
+parameters laid end to end; under ZeRO-3 one flat tensor per sub-group, holding this rank's slice of EACH
+parameter in it. Partition boundaries fall in the
 middle of rows, so Fira's per-matrix math cannot run on what a rank holds. This layout:
 
 1. reads the partition tables of DeepSpeed's optimizer wrapper (offsets, partition sizes), so every rank
@@ -16,9 +17,10 @@ middle of rows, so Fira's per-matrix math cannot run on what a rank holds. This 
 4. gives non-matrix parameters (and parameters of groups without ``rank``) elementwise Adam on the piece
    each rank holds (bitwise what one process computes on the whole tensor).
 
-Bytes per step() call, per rank: 3 * 4 * (elements of matrices owned by others that this rank holds + of
-matrices it owns that others hold) / 2 on average, i.e. about 12 bytes x (W-1)/W x its matrix elements,
-plus one all_reduce of one int per parameter for the non-finite check.
+Bytes per step() call (fp32): a rank sends 8 bytes (gradient + weight) per element it holds of matrices that
+other ranks own, and 4 bytes (updated weight) per element of its own matrices that other ranks hold; with
+matrices spread evenly that is about 12 x (W-1)/W x (the group's matrix elements / W) per rank, plus one
+all_reduce of one int32 per parameter (the non-finite check, so that every rank skips the same parameters).
 
 Under ZeRO-0 (the engine all-reduces whole gradients; with bf16 DeepSpeed hands over fp32 copies of each
 parameter) the same owner map covers every parameter, Adam ones included: each owner updates its tensors
