@@ -238,3 +238,5 @@ def test_metrics_jsonl_truncated_on_resume(tmp_path):
     m.write({"step": 4, "loss": 40.0})
     m.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    Metrics(str(tmp_path), enabled=True, resume_step=None, tensorboard=False).close()  # a fresh start: all dropped
+    assert read_metrics(str(tmp_path)) == []

@@ -80,8 +80,7 @@ class Trainer:
         start = None
         if plan.resume_from is not None:
             start = self._load(plan.resume_from)
-        self.metrics = Metrics(plan.output_dir, enabled=self.rank == 0, resume_step=start if start is not None else 0,
-                               tensorboard=plan.tensorboard)
+        self.metrics = Metrics(plan.output_dir, enabled=self.rank == 0, resume_step=start, tensorboard=plan.tensorboard)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):

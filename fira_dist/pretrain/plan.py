@@ -432,6 +432,11 @@ def _check_resume_compat(path: Path, strategy: str, optimizer: str, config: Any,
     if saved_ds and m.get("world_size") != world:
         raise UsageError(f"--resume={flag!r}: DeepSpeed checkpoint {path} was written by {m.get('world_size')} ranks, "
                          f"this job has {world}; expected the same world size")
+    data = m.get("data") or [{}]
+    if data[0].get("kind") == "streaming" and m.get("world_size") != world:
+        raise UsageError(f"--resume={flag!r}: checkpoint {path} holds per-rank positions in a streamed dataset for "
+                         f"{m.get('world_size')} ranks, this job has {world}; expected the same world size (or "
+                         "non-streaming data, whose position is global)")
     if m.get("optimizer") != optimizer:
         raise UsageError(f"--resume={flag!r}: checkpoint {path} holds --optimizer {m.get('optimizer')} state, this run "
                          f"uses --optimizer {optimizer}")

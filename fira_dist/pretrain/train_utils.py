@@ -72,8 +72,9 @@ def memory_short(m: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------------------------- metrics
 class Metrics:
     """Rank 0's metrics: one JSON object a line in ``OUTPUT/metrics.jsonl`` and TensorBoard scalars in
-    ``OUTPUT/tensorboard``. On resume from step S, records of a previous attempt with step > S are dropped
-    (JSONL rewritten, TensorBoard purged from S), so each step appears once. Other ranks get a no-op."""
+    ``OUTPUT/tensorboard``. On resume from step S (``resume_step``), records of a previous attempt with step > S
+    are dropped (JSONL rewritten, TensorBoard purged after S); on a fresh start (None) all of them, so each
+    step appears once. Other ranks get a no-op."""
 
     def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None, tensorboard: bool = True):
         self.enabled = enabled
@@ -102,8 +103,9 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
+                # events of a previous attempt after the resume point (all of them on a fresh start) are purged
                 self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
-                                         purge_step=resume_step if resume_step else None)
+                                         purge_step=0 if resume_step is None else resume_step + 1)
             except Exception as e:  # tensorboard missing or broken: JSONL still has everything
                 log.warning("TensorBoard disabled (%s: %s); metrics go to %s only", type(e).__name__, e, self.path)
 
