@@ -105,14 +105,17 @@ def _env(fault: dict | None) -> dict[str, str]:
 
 def torchrun_job(out_dir: Path, extra=(), fault: dict | None = None, restarts: int = 0, tag: str = "run") -> Job:
     cmd = torchrun_command(Path(__file__), 2, [*ARGS, *extra, "--output-dir", str(out_dir)])
+    env = _env(fault)
     if restarts:
-        # --standalone (c10d rendezvous, as launch/torchrun_single_node.sh): with --master-addr/--master-port
-        # (static rendezvous) torch 2.13 keeps the first attempt's store, and the restarted ranks can read the
-        # dead ranks' addresses from it ("Gloo connectFullMesh failed ... Connection refused")
+        # torch 2.13 reuses the rendezvous TCPStore across restarts, so the restarted ranks can read the dead
+        # ranks' addresses from it ("Gloo connectFullMesh failed ... Connection refused", intermittently; cf.
+        # pytorch/pytorch#135712). A fresh store per attempt needs the c10d rendezvous (--standalone here) and
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; the static one (--master-addr/--master-port) always shares it.
         i, j = cmd.index("--master-addr"), cmd.index("--master-port")
         assert j == i + 2
         cmd[i:j + 2] = ["--standalone", "--max-restarts", str(restarts), "--monitor-interval", "0.2"]
-    return Job(cmd, out_dir.parent / f"{out_dir.name}.{tag}.log", _env(fault))
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return Job(cmd, out_dir.parent / f"{out_dir.name}.{tag}.log", env)
 
 
 def run(out_dir: Path, extra=(), fault: dict | None = None, restarts: int = 0, tag: str = "run",
