@@ -145,6 +145,10 @@ def check_ds_config(config: Mapping[str, Any]) -> None:
             raise ValueError(f"ds_config zero_optimization.{key} device={dev!r} is not supported with the 'fira' "
                              "optimizer; expected 'none' (Fira's state is already split across ranks; offload is "
                              "untested)")
+    ckpt = config.get("checkpoint") or {}
+    if isinstance(ckpt, Mapping) and ckpt.get("load_universal"):
+        raise ValueError("ds_config checkpoint.load_universal=true is not supported with the 'fira' optimizer (universal "
+                         "checkpoints re-slice elementwise optimizer state; Fira's is per matrix); expected false")
     if zero.get("elastic_checkpoint"):
         raise ValueError("ds_config zero_optimization.elastic_checkpoint=true is not supported with the 'fira' optimizer "
                          "(its per-matrix state does not follow the flat partition); expected false")

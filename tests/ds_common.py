@@ -83,7 +83,8 @@ def ds_config(stage: int, dtype: str = "fp32", micro: int = 2, gas: int = 1, wor
 
 
 def single_process_run(steps: int, global_batch: int, fira: dict[str, Any] | None = None, clip: float = 0.0,
-                       seed: int = 0, svd_log: list | None = None) -> dict[str, Any]:
+                       seed: int = 0, svd_log: list | None = None, init: dict[str, torch.Tensor] | None = None
+                       ) -> dict[str, Any]:
     """The reference: fira_dist.Fira on one process, whole global batch per step (mean loss), fp32.
 
     svd_log, if given, receives (name, step, sigma_r, sigma_r+1) at every projector refresh: the spectral gap at
@@ -94,6 +95,10 @@ def single_process_run(steps: int, global_batch: int, fira: dict[str, Any] | Non
 
     block = parse_fira_block(fira if fira is not None else FIRA_PARAMS)
     model = tiny_llama(seed)
+    if init is not None:  # start from given weights (a run whose model was built under deepspeed.zero.Init)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(init[n])
     opt = build_optimizer(model, block)
     from fira_dist.layouts.single import SingleProcess
 

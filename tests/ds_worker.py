@@ -6,7 +6,8 @@ jobs.json is a list of jobs; each builds a fresh tiny LLaMA and engine and train
     {"name", "stage", "dtype", "steps", "micro", "gas", "clip", "fira": {...} (optional),
      "entry": "initialize" (fira_dist.deepspeed.initialize) | "plain" (register() + deepspeed.initialize),
      "save_at": k (save a checkpoint after k steps) , "load": true (load it first and continue from there),
-     "ckpt": dir, "expect_error": substring (the job must fail with it), "grad_accum_dtype": "fp32"}
+     "ckpt": dir, "expect_error": substring (the job must fail with it), "grad_accum_dtype": "fp32",
+     "zero_init": true (build the model under deepspeed.zero.Init)}
 Rank 0 writes OUTDIR/<name>.pt: losses per step, final full parameters (fp32), every rank's Fira state
 bytes, per-matrix state bytes and owners, the comm stats and the engine step count.
 """
@@ -49,7 +50,13 @@ def run_job(job: dict, out: Path) -> None:
     stage, steps, micro, gas = job["stage"], job["steps"], job.get("micro", 2), job.get("gas", 1)
     cfg = ds_config(stage, job.get("dtype", "fp32"), micro, gas, W, job.get("clip", 0.0), job.get("fira"),
                     grad_accum_dtype=job.get("grad_accum_dtype"))
-    model = tiny_llama(job.get("seed", 0))
+    if job.get("zero_init"):  # parameters partitioned at construction (as from_pretrained does under ZeRO-3)
+        import transformers.models.llama.modeling_llama  # noqa: F401  (import outside zero.Init: torch._dynamo)
+
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = tiny_llama(job.get("seed", 0))
+    else:
+        model = tiny_llama(job.get("seed", 0))
     if job.get("entry", "initialize") == "plain":
         fds.register()
         cfg["zero_allow_untested_optimizer"] = False  # register() must set it itself
@@ -57,6 +64,7 @@ def run_job(job: dict, out: Path) -> None:
     else:
         engine, _, _, _ = fds.initialize(model=model, config=cfg)
     opt = engine.basic_optimizer
+    init = full_params(engine, stage) if job.get("zero_init") else None  # zero.Init draws other initial weights
     start = 0
     if job.get("load"):
         path, _ = engine.load_checkpoint(job["ckpt"], tag="ckpt")
@@ -87,7 +95,7 @@ def run_job(job: dict, out: Path) -> None:
     gathered = [None] * W
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        torch.save({"losses": losses, "grad_norms": norms, "params": params, "state": gathered, "owners": layout.owners(),
+        torch.save({"losses": losses, "grad_norms": norms, "params": params, "init_params": init, "state": gathered, "owners": layout.owners(),
                     "comm": layout.comm_stats(), "engine_step": layout.engine_step, "global_step": opt.global_step,
                     "mode": layout.mode, "wrapper": type(engine.optimizer).__name__,
                     "global_steps": engine.global_steps}, out / f"{job['name']}.pt")

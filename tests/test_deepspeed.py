@@ -48,6 +48,7 @@ def runs(tmp_path_factory):
     jobs += [_job("fp32_norefresh", 2, fira=NO_REFRESH), _job("bf16_norefresh", 2, dtype="bf16", fira=NO_REFRESH)]
     jobs += [_job("clip_z1", 1, clip=0.5), _job("plain_z3", 3, entry="plain")]
     jobs += [_job("bf16_fp32acc_z1", 1, dtype="bf16", grad_accum_dtype="fp32")]  # DeepSpeed's BF16_Optimizer
+    jobs += [_job("zero_init_z3", 3, zero_init=True)]  # model built under deepspeed.zero.Init
     (out / "jobs.json").write_text(json.dumps(jobs))
     run_torchrun(WORKER, 2, ["--jobs", out / "jobs.json", "--out", out], env={"DS_ACCELERATOR": "cpu"}, timeout=500)
     return {j["name"]: torch.load(out / f"{j['name']}.pt", weights_only=False) for j in jobs}
@@ -101,6 +102,16 @@ def test_plain_deepspeed_initialize_after_register(runs, reference):
     r = runs["plain_z3"]
     assert r["wrapper"] == "DeepSpeedZeroOptimizer_Stage3"
     assert_matches(r, reference["plain"], 1e-4, "register() path, ZeRO-3")
+
+
+def test_zero3_with_model_built_under_zero_init(runs):
+    """ZeRO-3 with the model constructed inside deepspeed.zero.Init (parameters partitioned from the start, as
+    Hugging Face's from_pretrained does under ZeRO-3): zero.Init draws other initial weights, so the single-process
+    run starts from the gathered initial weights of the DeepSpeed run."""
+    r = runs["zero_init_z3"]
+    with one_thread():
+        ref = single_process_run(STEPS, GLOBAL_BATCH, init=r["init_params"])
+    assert_matches(r, ref, 1e-4, "ZeRO-3 under zero.Init")
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
