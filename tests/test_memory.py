@@ -43,7 +43,7 @@ def test_single_process_exact(optimizer, precision):
     """Optimizer state (projectors, moments, scalars), parameters, gradients, saved activations and logits
     of real steps equal the estimate to the byte."""
     cfg = tiny(optimizer=optimizer, precision=precision)
-    check_exact(cfg, run_worker(cfg, steps=2))
+    check_exact(cfg, run_worker(cfg, steps=2, profile=False))
 
 
 @pytest.mark.parametrize("attention,checkpointing,state_dtype", [("eager", False, None), ("sdpa", True, None),
@@ -51,7 +51,7 @@ def test_single_process_exact(optimizer, precision):
 def test_single_process_exact_variants(attention, checkpointing, state_dtype):
     cfg = tiny(optimizer="fira", precision="bf16-pure", attention=attention, activation_checkpointing=checkpointing,
                state_dtype=state_dtype, rank=8, proj_type="reverse_std")
-    check_exact(cfg, run_worker(cfg, steps=2))
+    check_exact(cfg, run_worker(cfg, steps=2, profile=False))
 
 
 def test_peak_close_on_cpu_allocator():
