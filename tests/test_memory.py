@@ -14,7 +14,7 @@ import torch
 from fira_dist import memory
 from fira_dist.memory import MemoryConfig, estimate
 from fira_dist.memory_measure import (CpuAllocPeak, SavedActivations, measured_optimizer_state_bytes,
-                                      model_tensor_bytes, run_worker)
+                                      memory_summary, model_tensor_bytes, run_worker)
 
 EXACT = ("params", "grads", "master_params", "optimizer_states", "activations_saved", "activations_logits")
 PARTS = {"optimizer_projectors": "projectors", "optimizer_moments": "moments", "optimizer_scalars": "scalars"}
@@ -77,6 +77,8 @@ def test_measure_helpers_on_plain_optimizer():
         x = torch.empty(1 << 20, dtype=torch.uint8)
         del x
     assert prof.peak >= 1 << 20 and prof.end < 1 << 20
+    summary = memory_summary(opt, model)
+    assert summary["optimizer_states"] == 324 and summary["params"] == 60 and summary["peak_rss"] >= summary["rss"] > 0
     w = torch.nn.Parameter(torch.ones(8, 8))
     with SavedActivations() as sa:
         y = (torch.ones(4, 8) * 2.0) @ w  # saves the (4, 8) input (128 bytes), not the parameter
