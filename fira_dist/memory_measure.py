@@ -220,18 +220,26 @@ class CpuAllocPeak:
         self.peak, self.end, self.peak_since_mark = peak, cur, since
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
+def _proc_status_bytes(key: str) -> int | None:
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (/proc/self/status VmRSS; 0 where there is no /proc)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (getrusage; KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process (/proc/self/status VmHWM, else getrusage's ru_maxrss)."""
+    v = _proc_status_bytes("VmHWM")
+    return v if v is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cuda_peak_bytes(reset: bool = False) -> int:
