@@ -76,7 +76,7 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
         params = [torch.nn.Parameter(w.clone()) for w, _ in mats]
         opt = make(kind, params, rank, gap=1, projector=projector)  # every step refreshes
         time_steps(opt, params, grads, 1)
-        res[f"refresh_{kind}_{projector}_s"] = min(time_steps(opt, params, grads, 2))
+        res[f"refresh_{kind}_{projector}_s"] = min(time_steps(opt, params, grads, 1))
     errs, energy = [], []
     for _, g in mats[:7]:  # one layer: each distinct shape
         side = side_for(g.shape, "std")
