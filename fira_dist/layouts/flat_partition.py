@@ -48,7 +48,7 @@ from fira_dist.algorithm import adam_update_
 from fira_dist.comm import Comm
 from fira_dist.config import GroupOptions
 from fira_dist.layouts.owners import assign_owners, lowrank_state_numel
-from fira_dist.layouts.single import SingleProcess, adam_step_, whole_matrix_step_
+from fira_dist.layouts.single import SingleProcess, step_tasks_, whole_matrix_step_
 from fira_dist.optimizer import Task
 from fira_dist.projector import lowrank_shape, projector_shape, side_for
 
@@ -525,15 +525,7 @@ class FlatPartition:
             for p in [p for p in self.opt.state if id(p) in self.units and self.units[id(p)].owner != me]:
                 del self.opt.state[p]
         mine = [t for t in tasks if self.units[id(t.param)].owner == me]
-        for t, ok in zip(mine, self.opt.finite_mask([t.grad for t in mine])):
-            if not ok:
-                self._note_nonfinite(t.name)
-                continue
-            if t.low_rank:
-                st = self.opt.init_matrix_state(t.param, t)
-                whole_matrix_step_(self.opt, t, st, t.grad, t.param)
-            else:
-                adam_step_(self.opt, t, t.grad, t.param, t.param)
+        step_tasks_(self.opt, mine, lambda t: self._note_nonfinite(t.name))
         if W == 1:
             return
         # Every owner's updated tensors to every rank: one all_gather of flat buffers padded to the longest.

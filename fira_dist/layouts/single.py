@@ -7,7 +7,7 @@ owner-computes layouts (replicated, flat-partitioned) run on each matrix's owner
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,6 +55,19 @@ def adam_step_(opt: Any, task: Any, g: torch.Tensor, target: torch.Tensor, state
     adam_update_(target, g, st["exp_avg"], st["exp_avg_sq"], task.opts, int(st["step"]))
 
 
+def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None]) -> None:
+    """Whole-matrix Fira / elementwise Adam for tasks whose parameter and gradient are entirely local."""
+    for task, ok in zip(tasks, opt.finite_mask([t.grad for t in tasks])):
+        if not ok:
+            on_nonfinite(task)
+            continue
+        if task.low_rank:
+            st = opt.init_matrix_state(task.param, task)
+            whole_matrix_step_(opt, task, st, task.grad, task.param)
+        else:
+            adam_step_(opt, task, task.grad, task.param, task.param)
+
+
 class SingleProcess:
     """Everything on this process."""
 
@@ -87,15 +100,7 @@ class SingleProcess:
                            f"(state untouched) at step {self.opt.global_step}; warning once")
 
     def step(self, tasks: list[Any]) -> None:
-        for task, ok in zip(tasks, self.opt.finite_mask([t.grad for t in tasks])):
-            if not ok:
-                self.note_nonfinite(task)
-                continue
-            if task.low_rank:
-                st = self.opt.init_matrix_state(task.param, task)
-                whole_matrix_step_(self.opt, task, st, task.grad, task.param)
-            else:
-                adam_step_(self.opt, task, task.grad, task.param, task.param)
+        step_tasks_(self.opt, tasks, self.note_nonfinite)
 
     def comm_stats(self) -> dict[str, Any]:
         return {"bytes_per_step": 0, "total_bytes": 0, "by_op": {}}
