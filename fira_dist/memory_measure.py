@@ -429,6 +429,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        from fira_dist.pretrain.distributed import exit_without_finalization
+
+        exit_without_finalization(0)  # gloo's threads can abort interpreter finalization
     return 0
 
 

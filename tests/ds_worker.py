@@ -132,4 +132,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without interpreter finalization: gloo's threads can abort it after all work is done
+    # ("terminate called without an active exception"); see fira_dist.pretrain.distributed.
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -551,6 +551,16 @@ def _is_dist_failure(e: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fira-dist pretrain``; the exit code. A process that joined a process group leaves through
+    ``os._exit`` after destroying it (see ``distributed.exit_without_finalization``)."""
+    joined: list[bool] = []
+    code = _main(argv, joined)
+    if joined:
+        D.exit_without_finalization(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None, joined: list[bool]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -601,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         if D.is_dist():
+            joined.append(True)
             with contextlib.suppress(Exception):
                 D.destroy()
 
