@@ -4,13 +4,16 @@ Every run is a real `fira-dist pretrain` process (python -m fira_dist.pretrain),
 what users run. Single-process runs for each optimizer and seed; with --distributed also Fira under
 DeepSpeed ZeRO-2 and FSDP2 with 2 processes on the same global batch (micro-batch halved per rank).
 
-    python benchmarks/convergence.py --distributed         # the README's Results (about 1 h on 2 CPU cores)
-    python benchmarks/convergence.py --smoke               # seconds: a tiny model, 1 seed, for the tests
+    python benchmarks/convergence.py --distributed --publish docs   # the README's Results (~45 min, 2 CPU cores)
+    python benchmarks/convergence.py --smoke               # a minute: a tiny model, 1 seed, for the tests
     python benchmarks/convergence.py --data 'my/*.txt'     # any local text instead of the embedded corpus
 
-Writes to --out (default results/convergence): runs/<name>/ (each run's metrics), results.json,
-results.md (the table) and val_loss.png (validation loss against tokens), and prints the table.
-Rank ratio as the paper (LLaMA-60M: rank 128 of hidden 512, i.e. hidden/4), alpha 0.25.
+Each optimizer gets the same learning-rate sweep (--lr-grid, seed 0); the best learning rate is then run
+with every seed (the seed-0 run is reused). Writes to --out (default results/convergence): runs/<name>/
+(each run's metrics), results.json, results.md (the tables) and val_loss.png (validation loss against
+tokens), and prints the tables; --publish DIR also copies results.md and val_loss.png to
+DIR/convergence.md and DIR/convergence_val_loss.png. Finished runs with the same flags are reused
+(--fresh reruns them). Rank ratio as the paper (LLaMA-60M: rank 128 of hidden 512, i.e. hidden/4), alpha 0.25.
 """
 
 from __future__ import annotations
@@ -34,11 +37,6 @@ def run_one(name: str, args: argparse.Namespace, optimizer: str, lr: float, seed
             out: Path) -> dict:
     """One pretraining run; returns its summary.json plus the eval curve from metrics.jsonl."""
     run_dir = out / "runs" / name
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists() and not args.fresh:  # finished earlier: reuse (delete the folder to redo)
-        return load_run(run_dir)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     nproc = 1 if strategy == "single" else 2
     flags = [
         "--model", args.model, "--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed),
@@ -55,10 +53,15 @@ def run_one(name: str, args: argparse.Namespace, optimizer: str, lr: float, seed
     if strategy == "deepspeed":
         cfg = {"train_micro_batch_size_per_gpu": args.batch // nproc, "gradient_accumulation_steps": 1,
                "gradient_clipping": 0.0, "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
-        run_dir.mkdir(parents=True, exist_ok=True)
         ds_path = run_dir / "ds_config.json"
-        ds_path.write_text(json.dumps(cfg, indent=1))
         flags += ["--deepspeed", str(ds_path)]
+    if not args.fresh and finished_with(run_dir, flags):  # the same run finished earlier: reuse it
+        return load_run(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    if strategy == "deepspeed":
+        run_dir.mkdir(parents=True)
+        ds_path.write_text(json.dumps(cfg, indent=1))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     if nproc == 1:
         cmd = [sys.executable, "-m", "fira_dist.pretrain", *flags]
@@ -72,8 +75,19 @@ def run_one(name: str, args: argparse.Namespace, optimizer: str, lr: float, seed
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise RuntimeError(f"run {name} failed with exit code {rc}; see {log_path}")
+    (run_dir / "flags.json").write_text(json.dumps(flags))
     print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return load_run(run_dir)
+
+
+def finished_with(run_dir: Path, flags: list[str]) -> bool:
+    """Whether ``run_dir`` holds a run that finished (exit 0, every step) with exactly these flags."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        same = json.loads((run_dir / "flags.json").read_text()) == flags
+    except (OSError, ValueError):
+        return False
+    return same and summary.get("exit_code") == 0 and summary.get("end_step") == summary.get("max_steps")
 
 
 def load_run(run_dir: Path) -> dict:
@@ -123,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update-proj-gap", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
-                    help="learning rate per optimizer (default adamw=0.002, galore=0.01, fira=0.01)")
+                    help="a fixed learning rate for an optimizer (no sweep for it)")
+    ap.add_argument("--lr-grid", default="0.0025,0.005,0.01,0.02",
+                    help="learning rates tried with seed 0 for each optimizer without --lr; the one with the lowest "
+                         "final validation loss is then run with every seed (default %(default)s)")
     ap.add_argument("--optimizers", default="adamw,galore,fira")
     ap.add_argument("--distributed", action="store_true", help="also Fira under DeepSpeed ZeRO-2 and FSDP2, 2 processes")
     ap.add_argument("--distributed-seeds", type=int, default=1, help="seeds for the distributed runs (1)")
@@ -131,35 +148,59 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-batches", type=int, default=10, help="micro-batches per rank per evaluation (0: the whole validation split)")
     ap.add_argument("--out", default=str(REPO / "results" / "convergence"))
     ap.add_argument("--fresh", action="store_true", help="rerun runs that already finished in --out")
+    ap.add_argument("--publish", metavar="DIR", help="also copy results.md and val_loss.png into DIR")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, 1 seed (for the tests)")
     args = ap.parse_args(argv)
-    lrs = {"adamw": 0.002, "galore": 0.01, "fira": 0.01}
+    known = ("adamw", "galore", "fira")
+    optimizers = args.optimizers.split(",")
+    for opt in optimizers:
+        if opt not in known:
+            ap.error(f"--optimizers: {opt!r} is not one of {', '.join(known)}")
+    lrs: dict[str, float] = {}
     for item in args.lr:
         opt, _, val = item.partition("=")
-        if opt not in lrs or not val:
-            ap.error(f"--lr {item!r} not accepted; expected OPT=LR with OPT in {sorted(lrs)}")
-        lrs[opt] = float(val)
+        try:
+            lrs[opt] = float(val)
+        except ValueError:
+            opt = ""
+        if opt not in known:
+            ap.error(f"--lr {item!r} not accepted; expected OPT=LR with OPT in {', '.join(known)} and LR a number")
+    try:
+        grid = [float(x) for x in args.lr_grid.split(",")]
+    except ValueError:
+        ap.error(f"--lr-grid {args.lr_grid!r} not accepted; expected comma-separated numbers")
     if args.smoke:
         args.model, args.steps, args.batch, args.seq_len, args.rank = "llama_tiny", 6, 4, 32, 16
         args.seeds, args.eval_every, args.eval_batches, args.update_proj_gap = 1, 3, 2, 3
+        grid = grid[:2]
     if args.rank is None:
         from fira_dist.pretrain.models import get_spec
 
         args.rank = get_spec(args.model).hidden_size // 4
-    optimizers = args.optimizers.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    def one(opt: str, lr: float, seed: int, strategy: str = "single") -> dict:
+        return run_one(f"{opt}-{strategy}-lr{lr:g}-s{seed}", args, opt, lr, seed, strategy, out)
+
+    print(f"{args.steps} steps x {args.batch} seqs x {args.seq_len} tokens ({args.model}) per run; "
+          f"lr grid {grid} for {', '.join(o for o in optimizers if o not in lrs) or 'none'}", flush=True)
+    sweep: dict[str, list[tuple[float, float]]] = {}  # optimizer -> [(lr, final val loss of seed 0)]
+    for opt in optimizers:
+        if opt in lrs:
+            continue
+        sweep[opt] = [(lr, one(opt, lr, 0)["eval_last"]["eval_loss"]) for lr in grid]
+        lrs[opt] = min(sweep[opt], key=lambda t: t[1])[0]
+        print(f"  {opt}: lr {lrs[opt]:g} has the lowest seed-0 validation loss", flush=True)
+
     runs: dict[str, list[dict]] = {}
     plan = [(opt, "single") for opt in optimizers]
-    if args.distributed:
+    if args.distributed and "fira" in optimizers:
         plan += [("fira", "deepspeed"), ("fira", "fsdp2")]
-    print(f"{len(optimizers) * args.seeds + (2 * args.distributed_seeds if args.distributed else 0)} runs of {args.steps} steps x {args.batch} x {args.seq_len} tokens ({args.model})")
     for opt, strategy in plan:
         key = opt if strategy == "single" else f"{opt} ({strategy}, 2 procs)"
         for seed in range(args.seeds if strategy == "single" else args.distributed_seeds):
-            name = f"{opt}-{strategy}-s{seed}"
-            runs.setdefault(key, []).append(run_one(name, args, opt, lrs[opt], seed, strategy, out))
+            runs.setdefault(key, []).append(one(opt, lrs[opt], seed, strategy))
 
     rows = []
     for key, rs in runs.items():
@@ -178,14 +219,26 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {r['tokens_per_s']:,.0f} |")
     header = (f"model {args.model}, {args.steps} steps x {args.batch} seqs x {args.seq_len} tokens, rank {args.rank}, "
               f"alpha {args.alpha}, update_proj_gap {args.update_proj_gap}, data {args.data or 'embedded corpus'}")
+    if sweep:
+        table += ["", "Learning-rate sweep (seed 0, final validation loss; the lowest is used above):", "",
+                  "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |",
+                  "|---|" + "---|" * len(grid)]
+        for opt, pts in sweep.items():
+            table.append(f"| {opt} | " + " | ".join(f"{loss:.4f}" for _, loss in pts) + " |")
     text = header + "\n\n" + "\n".join(table)
     print(text)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "rows": rows,
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), "lr_grid": grid, "sweep": sweep, "rows": rows,
                                                   "curves": {k: [r["curve"] for r in rs] for k, rs in runs.items()}},
                                                  indent=1))
     plot(runs, out / "val_loss.png", header)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss.png'}")
+    if args.publish:
+        dest = Path(args.publish)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "results.md", dest / "convergence.md")
+        shutil.copyfile(out / "val_loss.png", dest / "convergence_val_loss.png")
+        print(f"copied them to {dest / 'convergence.md'} and {dest / 'convergence_val_loss.png'}")
     return 0
 
 

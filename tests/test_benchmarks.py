@@ -1,0 +1,72 @@
+"""The benchmark drivers run end to end at toy size and write what the README's figures come from.
+
+benchmarks/convergence.py --smoke: the learning-rate sweep, the seeds, Fira under DeepSpeed ZeRO-2 and FSDP2
+(2 processes), the table, the JSON and the PNG plot; a second call reuses the finished runs.
+benchmarks/optimizer_step.py on a few small matrices: prints the ratios of the README's table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_convergence_smoke_writes_table_plot_and_reuses_runs(tmp_path):
+    out, pub = tmp_path / "conv", tmp_path / "docs"
+    args = ["--smoke", "--distributed", "--lr-grid", "0.003,0.01", "--out", str(out), "--publish", str(pub)]
+    proc = bench("convergence.py", *args)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in res["rows"]}
+    assert list(rows) == ["adamw", "galore", "fira", "fira (deepspeed, 2 procs)", "fira (fsdp2, 2 procs)"]
+    for opt in ("adamw", "galore", "fira"):  # the chosen lr is the sweep's best
+        best_lr, _ = min(res["sweep"][opt], key=lambda t: t[1])
+        assert rows[opt]["lr"] == best_lr
+        assert [lr for lr, _ in res["sweep"][opt]] == [0.003, 0.01]
+    first = math.log(8192)  # an untrained model's loss on the 8192-token vocabulary
+    for r in rows.values():
+        assert all(math.isfinite(x) and x < first for x in r["final_losses"]), r
+        assert r["tokens"] == 6 * 4 * 32 and r["tokens_per_s"] > 0
+    # Same global batch and seed: the distributed Fira runs land on the single-process loss.
+    for key in ("fira (deepspeed, 2 procs)", "fira (fsdp2, 2 procs)"):
+        assert rows[key]["val_loss_mean"] == pytest.approx(rows["fira"]["val_loss_mean"], abs=2e-3)
+    # Low-rank state is smaller than AdamW's full-rank moments.
+    assert rows["fira"]["optimizer_state_bytes"] < rows["adamw"]["optimizer_state_bytes"]
+    table = (out / "results.md").read_text()
+    assert table == (pub / "convergence.md").read_text()
+    assert "| fira (fsdp2, 2 procs) |" in table and "Learning-rate sweep" in table
+    for png in (out / "val_loss.png", pub / "convergence_val_loss.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table.strip() in proc.stdout  # printed too
+
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.log")}
+    assert len(stamp) == 3 * 2 + 2  # the sweep (seed 0 is also the only seed) and the two distributed runs
+    again = bench("convergence.py", *args)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.log")} == stamp  # nothing rerun
+    assert not re.search(r"-s0: \d+ s$", again.stdout, re.M) and table.strip() in again.stdout
+
+@pytest.mark.parametrize("bad, says", [(["--lr", "sgd=0.1"], "--lr 'sgd=0.1' not accepted"),
+                                       (["--lr", "fira=fast"], "--lr 'fira=fast' not accepted"),
+                                       (["--lr-grid", "0.01,x"], "--lr-grid '0.01,x' not accepted"),
+                                       (["--optimizers", "adamw,lion"], "'lion' is not one of adamw, galore, fira")])
+def test_convergence_rejects_bad_flags_by_name(bad, says, tmp_path):
+    proc = bench("convergence.py", "--smoke", "--out", str(tmp_path), *bad, timeout=120)
+    assert proc.returncode == 2 and says in proc.stdout, proc.stdout
+    assert not (tmp_path / "runs").exists()
