@@ -3,12 +3,17 @@
 For each model size, the low-rank weights of one LLaMA (q, k, v, o, gate, up, down per layer) with fixed
 random gradients (the dense embedding / norm parameters are left out: they are plain Adam in every
 optimizer). Reports, in one run:
-- steady-state step time (no projector refresh): median over --steps steps after a warm-up;
+- steady-state step time (no projector refresh): median over --steps steps after a warm-up, and the time
+  of the matrix products alone (2 per matrix for ours, 3 for the reference): the floor of ours/ref where
+  the products dominate the step;
 - refresh-step time (SVD of every matrix, then the step), exact SVD and randomized, and the randomized
-  projector's subspace error (sin of the largest principal angle, max over matrices) against the exact SVD.
+  projector's subspace error (sin of the largest principal angle, max over matrices) against the exact SVD,
+  and the share of the exact projection's norm it captures, on the benchmark's i.i.d. gradients (a flat
+  spectrum: the worst case) and on matrices with singular values 1/i.
 
     python benchmarks/optimizer_step.py                 # LLaMA-60M and -130M, prints a table
     python benchmarks/optimizer_step.py --sizes 60m --steps 5 --json out.json
+    python benchmarks/optimizer_step.py --batching      # same-shape matrices one by one vs stacked
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ def time_steps(opt, params, grads, n: int) -> list[float]:
     return out
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench_size(name: str, steps: int, threads: int) -> dict:
     hidden, inter, layers, rank = SIZES[name]
     mats = matrices(hidden, inter, layers)
@@ -72,24 +83,80 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
         opt = make(kind, params, rank, gap=10**9)
         time_steps(opt, params, grads, 2)  # warm-up (first step: SVD)
         res[f"steady_{kind}_s"] = statistics.median(time_steps(opt, params, grads, steps))
+    # The floor set by the matrix products alone: ours needs 2 per matrix (project, project back), the
+    # reference 3 (it also projects G back for the residual). Where they dominate, ours/ref -> 2/3.
+    prods = []
+    for _, g in mats:
+        side = side_for(g.shape, "std")
+        k = min(rank, *g.shape)
+        P = torch.randn(k, g.shape[1]) if side == "right" else torch.randn(g.shape[0], k)
+        prods.append((g, P, side))
+
+    def products(n: int) -> None:
+        for g, P, side in prods:
+            R = g @ P.T if side == "right" else P.T @ g
+            for _ in range(n - 1):
+                R @ P if side == "right" else P @ R
+
+    for n_prod in (2, 3):
+        products(n_prod)
+        res[f"products{n_prod}_s"] = statistics.median(_timed(lambda: products(n_prod)) for _ in range(max(3, steps)))
     for kind, projector in (("fira_dist", "svd"), ("fira_dist", "randomized"), ("reference", "svd")):
         params = [torch.nn.Parameter(w.clone()) for w, _ in mats]
         opt = make(kind, params, rank, gap=1, projector=projector)  # every step refreshes
         time_steps(opt, params, grads, 1)
         res[f"refresh_{kind}_{projector}_s"] = min(time_steps(opt, params, grads, 1))
-    errs, energy = [], []
+    errs, energy, energy_decay = [], [], []
+    gen = torch.Generator().manual_seed(1)
     for _, g in mats[:7]:  # one layer: each distinct shape
         side = side_for(g.shape, "std")
-        exact = compute_projector(g, rank, side)
-        approx = compute_projector(g, rank, side, kind="randomized", generator=torch.Generator().manual_seed(0))
-        errs.append(subspace_error(approx, exact, side))
-        captured = (lambda P: float(torch.linalg.matrix_norm(g @ P.T if side == "right" else P.T @ g)))
-        energy.append(captured(approx) / captured(exact))
+        for G, out in ((g, energy), (power_law(g.shape, gen), energy_decay)):
+            exact = compute_projector(G, rank, side)
+            approx = compute_projector(G, rank, side, kind="randomized", generator=torch.Generator().manual_seed(0))
+            captured = (lambda P: float(torch.linalg.matrix_norm(G @ P.T if side == "right" else P.T @ G)))
+            out.append(captured(approx) / captured(exact))
+            if G is g:
+                errs.append(subspace_error(approx, exact, side))
     # sin of the largest principal angle: ~1 for i.i.d. gradients (no spectral gap at the rank cut: any
-    # near-top subspace is as good); the captured-norm ratio says how much of the exact projection is kept.
+    # near-top subspace is as good); the captured-norm ratio says how much of the exact projection is kept:
+    # on the i.i.d. gradients (flat spectrum, the worst case) and on a decaying spectrum sigma_i ~ 1/i.
     res["randomized_subspace_error_max"] = max(errs)
     res["randomized_captured_norm_min"] = min(energy)
+    res["randomized_captured_norm_decaying_min"] = min(energy_decay)
     return res
+
+
+def power_law(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """A matrix of the given shape with random singular vectors and singular values 1/i."""
+    m, n = shape
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(n, k, generator=gen))[0]
+    return (U / torch.arange(1, k + 1, dtype=torch.float32)) @ V.T
+
+
+BATCH_SHAPES = [(64, 64), (128, 128), (192, 512), (256, 256), (256, 688), (512, 512), (512, 1376)]
+
+
+def bench_batching(steps: int, count: int = 8) -> list[dict]:
+    """Steady step of `count` same-shape matrices (rank min(m, n) / 4), one by one vs stacked."""
+    import fira_dist.layouts.single as single
+
+    rows = []
+    saved = single.BATCH_MAX_NUMEL
+    for shape in BATCH_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        grads = [torch.randn(shape, generator=g) * 1e-3 for _ in range(count)]
+        row = {"shape": shape, "count": count}
+        for mode, limit in (("one_by_one", 0), ("batched", 2**62)):
+            single.BATCH_MAX_NUMEL = limit
+            params = [torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02) for _ in range(count)]
+            opt = make("fira_dist", params, min(shape) // 4, gap=10**9)
+            time_steps(opt, params, grads, 2)
+            row[f"{mode}_s"] = statistics.median(time_steps(opt, params, grads, steps))
+        rows.append(row)
+    single.BATCH_MAX_NUMEL = saved
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steady-state steps per optimizer")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--batching", action="store_true",
+                    help="instead: same-shape matrices one by one vs stacked, for a range of shapes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.batching:
+        import fira_dist.layouts.single as single
+
+        rows = bench_batching(args.steps)
+        print(f"device: cpu, {args.threads} threads, torch {torch.__version__}; batched now when m * n <= "
+              f"{single.BATCH_MAX_NUMEL}")
+        print("| shape | matrices | one by one (ms) | stacked (ms) | stacked / one by one |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['shape'][0]}x{r['shape'][1]} | {r['count']} | {1e3 * r['one_by_one_s']:.2f} | "
+                  f"{1e3 * r['batched_s']:.2f} | {r['batched_s'] / r['one_by_one_s']:.2f}x |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return 0
     sizes = args.sizes.split(",")
     bad = [s for s in sizes if s not in SIZES]
     if bad:
@@ -107,16 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_size(s, args.steps, args.threads) for s in sizes]
     print(f"device: cpu, {args.threads} threads, torch {torch.__version__}")
     print("| model | matrices | steady: fira_dist / reference / AdamW (ms) | ours/ref | ours/AdamW "
-          "| refresh: ours SVD / ours randomized / ref (s) | rand/SVD | subspace err (sin max angle) | captured ||PG|| vs exact |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| products only: 2 / 3 per matrix (ms) | floor | refresh: ours SVD / ours randomized / ref (s) | rand/SVD | subspace err (sin max angle) "
+          "| captured ||PG|| vs exact: flat / 1/i spectrum |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s_ours, s_ref, s_adam = (r[f"steady_{k}_s"] for k in ("fira_dist", "reference", "adamw"))
         f_svd, f_rand, f_ref = (r[k] for k in ("refresh_fira_dist_svd_s", "refresh_fira_dist_randomized_s",
                                                "refresh_reference_svd_s"))
         print(f"| llama_{r['size']} r={r['rank']} | {r['matrices']} | {1e3 * s_ours:.1f} / {1e3 * s_ref:.1f} / "
-              f"{1e3 * s_adam:.1f} | {s_ours / s_ref:.2f}x | {s_ours / s_adam:.2f}x | {f_svd:.2f} / {f_rand:.2f} / "
+              f"{1e3 * s_adam:.1f} | {s_ours / s_ref:.2f}x | {s_ours / s_adam:.2f}x | {1e3 * r['products2_s']:.1f} / "
+              f"{1e3 * r['products3_s']:.1f} | {r['products2_s'] / r['products3_s']:.2f}x | {f_svd:.2f} / {f_rand:.2f} / "
               f"{f_ref:.2f} | {f_rand / f_svd:.2f}x | {r['randomized_subspace_error_max']:.2f} | "
-              f"{r['randomized_captured_norm_min']:.3f} |")
+              f"{r['randomized_captured_norm_min']:.3f} / {r['randomized_captured_norm_decaying_min']:.4f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -162,21 +162,14 @@ def whole_matrix_update_(
 
     step: the step number after increment (1 on the first update). The projector must be current.
     """
-    Gc = G.to(st.exp_avg.dtype)
-    R = project(Gc, st.projector, side)
-    N = adam_normalized_(R, st.exp_avg, st.exp_avg_sq, o)
-    step_size = bias_corrected_step_size(o, step)
-    if o.algorithm == Algorithm.FIRA and is_left_square_quirk(side, tuple(N.shape), tuple(G.shape)):
-        _left_square_quirk_update_(target, Gc, R, N, st, o, step, step_size)
-    else:
-        phi = lim = None
-        if o.algorithm == Algorithm.FIRA:
-            phi, s_sq = scaling_and_residual_sq(Gc, R, N, side, residual_coefficient(o))
-            lim, new_norm = limiter(s_sq.sqrt(), st.limiter_norm, o.limiter_gamma, has_prev=step > 1)
-            st.limiter_norm.copy_(new_norm)
-        X, c = lowrank_direction_parts(N, R, phi, lim, o)
-        apply_direction_(target, Gc, X, c, st.projector, side, -step_size)
-    decay_(target, o)
+    if o.algorithm == Algorithm.FIRA and is_left_square_quirk(side, tuple(st.exp_avg.shape), tuple(G.shape)):
+        Gc = G.to(st.exp_avg.dtype)
+        R = project(Gc, st.projector, side)
+        N = adam_normalized_(R, st.exp_avg, st.exp_avg_sq, o)
+        _left_square_quirk_update_(target, Gc, R, N, st, o, step, bias_corrected_step_size(o, step))
+        decay_(target, o)
+    else:  # a batch of one: the same kernels (bmm) as a batch of several, so batching changes no bit
+        batched_update_([target], [G], [st], o, side, step)
 
 
 def _left_square_quirk_update_(target, G, R, N, st, o, step, step_size) -> None:
@@ -194,3 +187,65 @@ def adam_update_(target: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, e
     N = adam_normalized_(g.to(exp_avg.dtype), exp_avg, exp_avg_sq, o)
     target.add_(N.to(target.dtype), alpha=-bias_corrected_step_size(o, step))
     decay_(target, o)
+
+
+def batched_update_(
+    targets: list[torch.Tensor], Gs: list[torch.Tensor], states: list[LowRankState], o: GroupOptions, side: str,
+    step: int,
+) -> None:
+    """whole_matrix_update_ for B matrices of one shape at once: stacked (B, m, n) tensors, bmm, and one
+    elementwise kernel per operation instead of B. Same results as whole_matrix_update_ on each matrix
+    (every operation is per matrix: per-row / per-column norms, per-matrix sums, a per-slice bmm; a batch of
+    one, whole_matrix_update_, runs the same kernels on views).
+
+    targets and Gs (m, n) each, states with projectors (k, n) right / (m, k) left, all at the same step
+    (after increment), none in the left-square quirk. The stacking copies cost 3 passes over B * m * n
+    numbers, so this pays only when per-operation overhead dominates (small matrices; see
+    fira_dist.layouts.single.BATCH_MAX_NUMEL).
+    """
+    dt = states[0].exp_avg.dtype
+    one = len(states) == 1  # views instead of stacked copies
+    st0 = states[0]
+    G = Gs[0].to(dt).unsqueeze(0) if one else torch.stack([g.to(dt) for g in Gs])  # (B, m, n)
+    P = st0.projector.unsqueeze(0) if one else torch.stack([s.projector for s in states])  # (B, k, n) / (B, m, k)
+    Pt = P.transpose(1, 2)
+    R = torch.bmm(G, Pt) if side == "right" else torch.bmm(Pt, G)  # (B, m, k) / (B, k, n)
+    M = st0.exp_avg.unsqueeze(0) if one else torch.stack([s.exp_avg for s in states])
+    V = st0.exp_avg_sq.unsqueeze(0) if one else torch.stack([s.exp_avg_sq for s in states])
+    N = adam_normalized_(R, M, V, o)
+    if not one:
+        for s, m_i, v_i in zip(states, M, V):
+            s.exp_avg.copy_(m_i)
+            s.exp_avg_sq.copy_(v_i)
+    step_size = bias_corrected_step_size(o, step)
+    c = None
+    if o.algorithm == Algorithm.FIRA:
+        ax = 2 if side == "right" else 1  # per row (B, m, 1) / per column (B, 1, n)
+        r_norm = torch.linalg.vector_norm(R, dim=ax, keepdim=True)
+        phi = torch.linalg.vector_norm(N, dim=ax, keepdim=True) / (r_norm + NORM_EPS)
+        beta = residual_coefficient(o)
+        g_sq = torch.linalg.vector_norm(G, dim=ax, keepdim=True).square()  # no (m, n) temporary
+        res = (g_sq - (2.0 * beta - beta * beta) * r_norm.square()).clamp_(min=0.0)
+        terms = phi.square() * res  # ||S||^2 = sum of these (module docstring)
+        lims = []
+        for i, s in enumerate(states):  # per-matrix sums and limiters
+            lim, new_norm = limiter(terms[i].sum().sqrt(), s.limiter_norm, o.limiter_gamma, has_prev=step > 1)
+            s.limiter_norm.copy_(new_norm)
+            lims.append(lim)
+        c = phi / torch.stack(lims).view(-1, 1, 1)
+        X = torch.addcmul(N.mul_(o.alpha), c, R, value=-beta)
+    else:
+        X = N.mul_(o.alpha)
+    T = targets[0].unsqueeze(0) if one else torch.stack(targets)
+    tdt = T.dtype
+    if c is not None:
+        T.addcmul_(G.to(tdt), c.to(tdt), value=-step_size)
+    Xt, Pb = X.to(tdt), P.to(tdt)
+    if side == "right":
+        T.baddbmm_(Xt, Pb, alpha=-step_size)
+    else:
+        T.baddbmm_(Pb, Xt, alpha=-step_size)
+    decay_(T, o)
+    if not one:
+        for t, t_new in zip(targets, T):
+            t.copy_(t_new)

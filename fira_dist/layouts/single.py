@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import torch
 
-from fira_dist.algorithm import LowRankState, adam_update_, whole_matrix_update_
+from fira_dist.algorithm import (LowRankState, adam_update_, batched_update_, is_left_square_quirk,
+                                 whole_matrix_update_)
 from fira_dist.config import ProjectorKind
 from fira_dist.projector import ProjectorError, compute_projector, lowrank_shape, projector_shape
 
@@ -55,17 +56,48 @@ def adam_step_(opt: Any, task: Any, g: torch.Tensor, target: torch.Tensor, state
     adam_update_(target, g, st["exp_avg"], st["exp_avg_sq"], task.opts, int(st["step"]))
 
 
-def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None]) -> None:
-    """Whole-matrix Fira / elementwise Adam for tasks whose parameter and gradient are entirely local."""
+# Same-shape matrices up to this many numbers each are updated together (algorithm.batched_update_): there
+# the per-operation overhead (about 20 kernels per matrix) outweighs the stacking copies. Measured with
+# `python benchmarks/optimizer_step.py --batching` (see the README); larger matrices go one by one.
+BATCH_MAX_NUMEL = 128 * 128
+
+
+def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None],
+                batch_max_numel: int | None = None) -> None:
+    """Whole-matrix Fira / elementwise Adam for tasks whose parameter and gradient are entirely local.
+
+    Projector refreshes run matrix by matrix; the updates of same-shape matrices (same options, step and
+    dtypes) of at most batch_max_numel (default BATCH_MAX_NUMEL) numbers run stacked, with the same results
+    as one by one."""
+    if batch_max_numel is None:
+        batch_max_numel = BATCH_MAX_NUMEL
+    groups: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
     for task, ok in zip(tasks, opt.finite_mask([t.grad for t in tasks])):
         if not ok:
             on_nonfinite(task)
             continue
-        if task.low_rank:
-            st = opt.init_matrix_state(task.param, task)
-            whole_matrix_step_(opt, task, st, task.grad, task.param)
-        else:
+        if not task.low_rank:
             adam_step_(opt, task, task.grad, task.param, task.param)
+            continue
+        st = opt.init_matrix_state(task.param, task)
+        if task.grad.numel() > batch_max_numel:
+            whole_matrix_step_(opt, task, st, task.grad, task.param)
+            continue
+        if not refresh_projector_(opt, task, st, task.grad):
+            continue
+        st["step"] += 1
+        key = (tuple(task.grad.shape), task.side, task.opts, int(st["step"]), task.param.dtype,
+               st["exp_avg"].dtype, task.grad.device)
+        groups.setdefault(key, []).append((task, st))
+    for (shape, side, o, step, *_), members in groups.items():
+        states = [LowRankState(st["projector"], st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"])
+                  for _, st in members]
+        quirk = is_left_square_quirk(side, tuple(states[0].exp_avg.shape), shape)
+        if len(members) == 1 or quirk:
+            for (task, _), lrs in zip(members, states):
+                whole_matrix_update_(task.param, task.grad, lrs, o, side, step)
+        else:
+            batched_update_([t.param for t, _ in members], [t.grad for t, _ in members], states, o, side, step)
 
 
 class SingleProcess:
