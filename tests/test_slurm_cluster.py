@@ -35,6 +35,8 @@ if rank == 0:
     print(f"RESULT sum={t.item():g} world={world} hosts={','.join(hosts)}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # gloo's threads can abort interpreter finalization (see fira_dist.pretrain.distributed)
 """
 
 MPI_PY = """
