@@ -6,7 +6,8 @@ optimizer). Reports, in one run:
 - steady-state step time (no projector refresh): median over --steps steps after a warm-up, and the time
   of the matrix products alone (2 per matrix for ours, 3 for the reference): the floor of ours/ref where
   the products dominate the step;
-- refresh-step time (SVD of every matrix, then the step), exact SVD and randomized, and the randomized
+- refresh-step time (SVD of every matrix, then the step), exact SVD and randomized, the projectors alone
+  (what a refresh adds to a step; both the best of 3), and the randomized
   projector's subspace error (sin of the largest principal angle, max over matrices) against the exact SVD,
   and the share of the exact projection's norm it captures, on the benchmark's i.i.d. gradients (a flat
   spectrum: the worst case) and on matrices with singular values 1/i.
@@ -105,7 +106,12 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
         params = [torch.nn.Parameter(w.clone()) for w, _ in mats]
         opt = make(kind, params, rank, gap=1, projector=projector)  # every step refreshes
         time_steps(opt, params, grads, 1)
-        res[f"refresh_{kind}_{projector}_s"] = min(time_steps(opt, params, grads, 1))
+        res[f"refresh_{kind}_{projector}_s"] = min(time_steps(opt, params, grads, 3))
+    for projector in ("svd", "randomized"):  # the projectors alone, every matrix once (what a refresh adds)
+        gen = torch.Generator().manual_seed(0)
+        compute_projector(grads[-1], rank, side_for(grads[-1].shape, "std"), kind=projector, generator=gen)  # warm-up
+        res[f"projectors_{projector}_s"] = min(_timed(lambda: [compute_projector(
+            g, rank, side_for(g.shape, "std"), kind=projector, generator=gen) for g in grads]) for _ in range(3))
     errs, energy, energy_decay = [], [], []
     gen = torch.Generator().manual_seed(1)
     for _, g in mats[:7]:  # one layer: each distinct shape
@@ -140,22 +146,22 @@ BATCH_SHAPES = [(64, 64), (128, 128), (192, 512), (256, 256), (256, 688), (512, 
 
 def bench_batching(steps: int, count: int = 8) -> list[dict]:
     """Steady step of `count` same-shape matrices (rank min(m, n) / 4), one by one vs stacked."""
-    import fira_dist.layouts.single as single
+    import fira_dist.algorithm as algorithm
 
     rows = []
-    saved = single.BATCH_MAX_NUMEL
+    saved = algorithm.STACKED_MAX_NUMEL
     for shape in BATCH_SHAPES:
         g = torch.Generator().manual_seed(0)
         grads = [torch.randn(shape, generator=g) * 1e-3 for _ in range(count)]
         row = {"shape": shape, "count": count}
         for mode, limit in (("one_by_one", 0), ("batched", 2**62)):
-            single.BATCH_MAX_NUMEL = limit
+            algorithm.STACKED_MAX_NUMEL = limit  # 0: every matrix alone in the 2-D form
             params = [torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02) for _ in range(count)]
             opt = make("fira_dist", params, min(shape) // 4, gap=10**9)
             time_steps(opt, params, grads, 2)
             row[f"{mode}_s"] = statistics.median(time_steps(opt, params, grads, steps))
         rows.append(row)
-    single.BATCH_MAX_NUMEL = saved
+    algorithm.STACKED_MAX_NUMEL = saved
     return rows
 
 
@@ -170,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.batching:
-        import fira_dist.layouts.single as single
+        from fira_dist.algorithm import STACKED_MAX_NUMEL
 
         rows = bench_batching(args.steps)
-        print(f"device: cpu, {args.threads} threads, torch {torch.__version__}; batched now when m * n <= "
-              f"{single.BATCH_MAX_NUMEL}")
-        print("| shape | matrices | one by one (ms) | stacked (ms) | stacked / one by one |")
+        print(f"device: cpu, {args.threads} threads, torch {torch.__version__}; stacked now when m * n <= "
+              f"{STACKED_MAX_NUMEL}")
+        print("| shape | matrices | one by one, 2-D (ms) | stacked (ms) | stacked / one by one |")
         print("|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['shape'][0]}x{r['shape'][1]} | {r['count']} | {1e3 * r['one_by_one_s']:.2f} | "
@@ -191,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_size(s, args.steps, args.threads) for s in sizes]
     print(f"device: cpu, {args.threads} threads, torch {torch.__version__}")
     print("| model | matrices | steady: fira_dist / reference / AdamW (ms) | ours/ref | ours/AdamW "
-          "| products only: 2 / 3 per matrix (ms) | floor | refresh: ours SVD / ours randomized / ref (s) | rand/SVD | subspace err (sin max angle) "
+          "| products only: 2 / 3 per matrix (ms) | floor | refresh step: ours SVD / ours randomized / ref (s) | rand/SVD "
+          "| projectors alone: SVD / randomized (s) | rand/SVD | subspace err (sin max angle) "
           "| captured ||PG|| vs exact: flat / 1/i spectrum |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s_ours, s_ref, s_adam = (r[f"steady_{k}_s"] for k in ("fira_dist", "reference", "adamw"))
         f_svd, f_rand, f_ref = (r[k] for k in ("refresh_fira_dist_svd_s", "refresh_fira_dist_randomized_s",
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| llama_{r['size']} r={r['rank']} | {r['matrices']} | {1e3 * s_ours:.1f} / {1e3 * s_ref:.1f} / "
               f"{1e3 * s_adam:.1f} | {s_ours / s_ref:.2f}x | {s_ours / s_adam:.2f}x | {1e3 * r['products2_s']:.1f} / "
               f"{1e3 * r['products3_s']:.1f} | {r['products2_s'] / r['products3_s']:.2f}x | {f_svd:.2f} / {f_rand:.2f} / "
-              f"{f_ref:.2f} | {f_rand / f_svd:.2f}x | {r['randomized_subspace_error_max']:.2f} | "
+              f"{f_ref:.2f} | {f_rand / f_svd:.2f}x | {r['projectors_svd_s']:.2f} / {r['projectors_randomized_s']:.2f} | "
+              f"{r['projectors_randomized_s'] / r['projectors_svd_s']:.2f}x | {r['randomized_subspace_error_max']:.2f} | "
               f"{r['randomized_captured_norm_min']:.3f} / {r['randomized_captured_norm_decaying_min']:.4f} |")
     if args.json:
         with open(args.json, "w") as f:

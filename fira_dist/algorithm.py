@@ -35,6 +35,13 @@ from fira_dist.config import Algorithm, GroupOptions, Residual
 
 NORM_EPS = 1e-8  # the reference's epsilon in phi and in the limiter
 
+# Matrices of at most this many numbers take the stacked form (batched_update_: bmm on (B, m, n) tensors),
+# alone or with other same-shape matrices; larger ones take the 2-D form (mm, no stacking copies). The form
+# depends on the size only, so a matrix gets the same bits whether a layout updates it alone or batched.
+# There per-operation overhead outweighs the stacking copies; `python benchmarks/optimizer_step.py
+# --batching` measures where (see the README).
+STACKED_MAX_NUMEL = 2**17  # 131072: 256 x 256 and 192 x 512 stacked, 256 x 688 not
+
 
 def bias_corrected_step_size(o: GroupOptions, step: int) -> float:
     """lr * sqrt(1 - beta2^t) / (1 - beta1^t) (or lr without correct_bias); step t counts from 1."""
@@ -162,14 +169,26 @@ def whole_matrix_update_(
 
     step: the step number after increment (1 on the first update). The projector must be current.
     """
-    if o.algorithm == Algorithm.FIRA and is_left_square_quirk(side, tuple(st.exp_avg.shape), tuple(G.shape)):
-        Gc = G.to(st.exp_avg.dtype)
-        R = project(Gc, st.projector, side)
-        N = adam_normalized_(R, st.exp_avg, st.exp_avg_sq, o)
-        _left_square_quirk_update_(target, Gc, R, N, st, o, step, bias_corrected_step_size(o, step))
-        decay_(target, o)
-    else:  # a batch of one: the same kernels (bmm) as a batch of several, so batching changes no bit
+    quirk = o.algorithm == Algorithm.FIRA and is_left_square_quirk(side, tuple(st.exp_avg.shape), tuple(G.shape))
+    if G.numel() <= STACKED_MAX_NUMEL and not quirk:
+        # a batch of one: the same kernels (bmm) as a batch of several, so batching changes no bit
         batched_update_([target], [G], [st], o, side, step)
+        return
+    Gc = G.to(st.exp_avg.dtype)
+    R = project(Gc, st.projector, side)
+    N = adam_normalized_(R, st.exp_avg, st.exp_avg_sq, o)
+    step_size = bias_corrected_step_size(o, step)
+    if quirk:
+        _left_square_quirk_update_(target, Gc, R, N, st, o, step, step_size)
+    else:
+        phi = lim = None
+        if o.algorithm == Algorithm.FIRA:
+            phi, s_sq = scaling_and_residual_sq(Gc, R, N, side, residual_coefficient(o))
+            lim, new_norm = limiter(s_sq.sqrt(), st.limiter_norm, o.limiter_gamma, has_prev=step > 1)
+            st.limiter_norm.copy_(new_norm)
+        X, c = lowrank_direction_parts(N, R, phi, lim, o)
+        apply_direction_(target, Gc, X, c, st.projector, side, -step_size)
+    decay_(target, o)
 
 
 def _left_square_quirk_update_(target, G, R, N, st, o, step, step_size) -> None:
@@ -200,8 +219,7 @@ def batched_update_(
 
     targets and Gs (m, n) each, states with projectors (k, n) right / (m, k) left, all at the same step
     (after increment), none in the left-square quirk. The stacking copies cost 3 passes over B * m * n
-    numbers, so this pays only when per-operation overhead dominates (small matrices; see
-    fira_dist.layouts.single.BATCH_MAX_NUMEL).
+    numbers, so this pays only when per-operation overhead dominates (small matrices: STACKED_MAX_NUMEL).
     """
     dt = states[0].exp_avg.dtype
     one = len(states) == 1  # views instead of stacked copies

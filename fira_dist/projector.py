@@ -54,7 +54,7 @@ def _randomized_projector(
     """Halko-Martinsson-Tropp range finder with power iterations, then the top-k directions of the sketch.
 
     With A the (a, b) matrix whose top-k left singular vectors we want and ell = k + oversample:
-    Y = A Omega (a, ell), power iterations Y <- A A^T orth(Y), Qb = orth(Y), B = Qb^T A (ell, b); the top-k
+    Y = A Omega (a, ell), power iterations Y <- A A^T orth(Y) (Cholesky QR), Qb = orth(Y) (Householder), B = Qb^T A (ell, b); the top-k
     eigenvectors W of the (ell, ell) Gram matrix B B^T (formed and solved in float64) give U = Qb W (a, k).
     Cost: about 2 a b ell (2 q + 2) flops of matrix products plus QRs of (a, ell) and an (ell, ell)
     eigensolve, against O(a b min(a, b)) with a large constant for the full SVD. The Gram matrix squares
@@ -66,13 +66,23 @@ def _randomized_projector(
     omega = torch.randn(b, ell, device=A.device, dtype=A.dtype, generator=generator)  # (b, ell)
     Y = A @ omega  # (a, ell)
     for _ in range(power_iters):
-        Y, _ = torch.linalg.qr(Y)
-        Y = A @ (A.T @ Y)
+        Y = A @ (A.T @ _orthonormalize_cheaply(Y))
     Qb, _ = torch.linalg.qr(Y)  # (a, ell)
     B = (Qb.T @ A).double()  # (ell, b)
     _, W = torch.linalg.eigh(B @ B.T)  # ascending eigenvalues (ell,), eigenvectors (ell, ell)
     U = Qb @ W[:, -k:].flip(-1).to(A.dtype)  # (a, k), largest first as the SVD orders them
     return U if side == "left" else U.T.contiguous()
+
+
+def _orthonormalize_cheaply(Y: torch.Tensor) -> torch.Tensor:
+    """Y (a, ell) with orthonormal-ish columns spanning the same space: Cholesky QR with the Gram matrix in
+    float64 (a few times cheaper than Householder QR). Enough between power iterations, where only the span
+    matters; falls back to Householder QR if the Gram matrix is numerically singular."""
+    Yd = Y.double()
+    L, info = torch.linalg.cholesky_ex(Yd.T @ Yd)  # (ell, ell), lower
+    if int(info) != 0:
+        return torch.linalg.qr(Y)[0]
+    return torch.linalg.solve_triangular(L, Yd.T, upper=False).T.to(Y.dtype)  # Y L^{-T}
 
 
 def compute_projector(
@@ -90,7 +100,7 @@ def compute_projector(
     Raises ProjectorError if G is not finite, or if the SVD fails in fp32 and again in fp64.
     """
     Gf = G.float()
-    if not bool(torch.isfinite(Gf).all()):
+    if not bool(torch.isfinite(Gf.sum())):  # one pass: a NaN/Inf entry (or a sum past 3e38) makes it non-finite
         raise ProjectorError("gradient has NaN/Inf entries")
     k = effective_rank(G.shape, rank)
     if kind == ProjectorKind.RANDOMIZED and k < min(G.shape):

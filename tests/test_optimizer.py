@@ -347,8 +347,8 @@ def test_same_shape_batching_equals_one_by_one(monkeypatch, algorithm, dtype, ga
 
     real = single.batched_update_
 
-    def run(batch_max_numel):
-        monkeypatch.setattr(single, "BATCH_MAX_NUMEL", batch_max_numel)
+    def run(batch):
+        monkeypatch.setattr(single, "BATCH_SAME_SHAPE", batch)
         params = [torch.nn.Parameter(w.clone()) for w in init]
         groups = [{"params": params[:6], "rank": 8, "update_proj_gap": 3},
                   {"params": params[6:10], "rank": 16, "update_proj_gap": 3, "proj_type": "left"},
@@ -364,9 +364,10 @@ def test_same_shape_batching_equals_one_by_one(monkeypatch, algorithm, dtype, ga
                 opt.step()
         return params, opt.state_dict()["state"], calls
 
-    one_params, one_state, one_calls = run(0)
-    bat_params, bat_state, bat_calls = run(10**9)
-    assert one_calls == [] and 3 in bat_calls and 2 in bat_calls  # (16, 16) left-square quirk: never batched
+    one_params, one_state, one_calls = run(False)
+    bat_params, bat_state, bat_calls = run(True)
+    # (16, 16) is the left-square quirk: never stacked
+    assert one_calls == [] and 3 in bat_calls and 2 in bat_calls
     for a, b in zip(one_params, bat_params):
         assert torch.equal(a, b)
     for i in one_state:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from fira_dist import algorithm
 from fira_dist.algorithm import (LowRankState, adam_update_, batched_update_, is_left_square_quirk,
                                  whole_matrix_update_)
 from fira_dist.config import ProjectorKind
@@ -56,21 +57,15 @@ def adam_step_(opt: Any, task: Any, g: torch.Tensor, target: torch.Tensor, state
     adam_update_(target, g, st["exp_avg"], st["exp_avg_sq"], task.opts, int(st["step"]))
 
 
-# Same-shape matrices up to this many numbers each are updated together (algorithm.batched_update_): there
-# the per-operation overhead (about 20 kernels per matrix) outweighs the stacking copies. Measured with
-# `python benchmarks/optimizer_step.py --batching` (see the README); larger matrices go one by one.
-BATCH_MAX_NUMEL = 128 * 128
+# Whether same-shape matrices of at most algorithm.STACKED_MAX_NUMEL numbers are updated together.
+BATCH_SAME_SHAPE = True
 
 
-def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None],
-                batch_max_numel: int | None = None) -> None:
+def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None]) -> None:
     """Whole-matrix Fira / elementwise Adam for tasks whose parameter and gradient are entirely local.
 
     Projector refreshes run matrix by matrix; the updates of same-shape matrices (same options, step and
-    dtypes) of at most batch_max_numel (default BATCH_MAX_NUMEL) numbers run stacked, with the same results
-    as one by one."""
-    if batch_max_numel is None:
-        batch_max_numel = BATCH_MAX_NUMEL
+    dtypes) of at most algorithm.STACKED_MAX_NUMEL numbers run stacked, with the same bits as one by one."""
     groups: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
     for task, ok in zip(tasks, opt.finite_mask([t.grad for t in tasks])):
         if not ok:
@@ -80,7 +75,7 @@ def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None],
             adam_step_(opt, task, task.grad, task.param, task.param)
             continue
         st = opt.init_matrix_state(task.param, task)
-        if task.grad.numel() > batch_max_numel:
+        if task.grad.numel() > algorithm.STACKED_MAX_NUMEL or not BATCH_SAME_SHAPE:
             whole_matrix_step_(opt, task, st, task.grad, task.param)
             continue
         if not refresh_projector_(opt, task, st, task.grad):
