@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from fira_dist import Fira
+from fira_dist.algorithm import project, project_back
 from fira_dist.projector import compute_projector, side_for, subspace_error
 
 SIZES = {  # hidden, intermediate, layers, rank (the GaLore / Fira papers' settings)
@@ -95,9 +96,9 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
 
     def products(n: int) -> None:
         for g, P, side in prods:
-            R = g @ P.T if side == "right" else P.T @ g
+            R = project(g, P, side)
             for _ in range(n - 1):
-                R @ P if side == "right" else P @ R
+                project_back(R, P, side)
 
     for n_prod in (2, 3):
         products(n_prod)
@@ -119,7 +120,7 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
         for G, out in ((g, energy), (power_law(g.shape, gen), energy_decay)):
             exact = compute_projector(G, rank, side)
             approx = compute_projector(G, rank, side, kind="randomized", generator=torch.Generator().manual_seed(0))
-            captured = (lambda P: float(torch.linalg.matrix_norm(G @ P.T if side == "right" else P.T @ G)))
+            captured = (lambda P: float(torch.linalg.matrix_norm(project(G, P, side))))
             out.append(captured(approx) / captured(exact))
             if G is g:
                 errs.append(subspace_error(approx, exact, side))

@@ -58,8 +58,8 @@ def adam_normalized_(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.T
 
 
 def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
-    """(m, n) -> (m, k) for 'right' (G Q^T), (k, n) for 'left' (P^T G)."""
-    return G @ P.T if side == "right" else P.T @ G
+    """(m, n) -> (m, k) for 'right' (G Q^T), (k, n) for 'left' (P^T G); stacked (B, ...) alike (bmm)."""
+    return G @ P.mT if side == "right" else P.mT @ G
 
 
 def project_back(X: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
@@ -68,8 +68,9 @@ def project_back(X: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
 
 
 def _axis(side: str) -> int:
-    # Norms along the projected dimension: per row of G for 'right' (dim=1), per column for 'left' (dim=0).
-    return 1 if side == "right" else 0
+    # Norms along the projected dimension: per row of G for 'right' (dim -1), per column for 'left' (dim -2);
+    # negative so that stacked (B, m, n) tensors work too.
+    return -1 if side == "right" else -2
 
 
 def residual_coefficient(o: GroupOptions) -> float:
@@ -77,15 +78,15 @@ def residual_coefficient(o: GroupOptions) -> float:
     return o.alpha if o.residual == Residual.REFERENCE else 1.0
 
 
-def scaling_and_residual_sq(
+def scaling_and_residual_terms(
     G: torch.Tensor | None, R: torch.Tensor, N: torch.Tensor, side: str, beta: float,
     g_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """phi (m, 1) or (1, n) and the local part of ||S||^2 (0-d), for the rows/columns this process holds.
+    """phi (m, 1) or (1, n) and the per-row (per-column) terms whose sum is ||S||^2, same shape as phi.
 
-    G (m, n) in the low-rank dtype; R, N (m, k) or (k, n). No collectives. g_sq: the squared norms of G along
-    the projected dimension ((m, 1) / (1, n)) when the caller has them instead of G (a column-sharded left
-    projection sums them across ranks); G is then not read.
+    G (m, n) in the low-rank dtype; R, N (m, k) or (k, n); or all stacked (B, ...). No collectives. g_sq: the
+    squared norms of G along the projected dimension ((m, 1) / (1, n)) when the caller has them instead of G
+    (a column-sharded left projection sums them across ranks); G is then not read.
     """
     ax = _axis(side)
     r_norm = torch.linalg.vector_norm(R, dim=ax, keepdim=True)  # (m,1) / (1,n)
@@ -94,7 +95,17 @@ def scaling_and_residual_sq(
     if g_sq is None:
         g_sq = torch.linalg.vector_norm(G, dim=ax, keepdim=True).square()  # no (m, n) temporary
     res = (g_sq - (2.0 * beta - beta * beta) * r_sq).clamp_(min=0.0)
-    return phi, (phi.square() * res).sum()
+    return phi, phi.square() * res
+
+
+def scaling_and_residual_sq(
+    G: torch.Tensor | None, R: torch.Tensor, N: torch.Tensor, side: str, beta: float,
+    g_sq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi and the local part of ||S||^2 (0-d), for the rows/columns this process holds (see
+    scaling_and_residual_terms)."""
+    phi, terms = scaling_and_residual_terms(G, R, N, side, beta, g_sq)
+    return phi, terms.sum()
 
 
 def limiter(
@@ -130,15 +141,17 @@ def apply_direction_(
 ) -> None:
     """target += scale * (back(X) + c * G), in place, with one matrix product and no (m, n) temporary.
 
-    target and G (m, n) (or the same rows of them); X and c as from lowrank_direction_parts.
+    target and G (m, n) (or the same rows of them), or stacked (B, m, n) (then baddbmm); X and c as from
+    lowrank_direction_parts.
     """
     if c is not None:
         target.addcmul_(G.to(target.dtype), c.to(target.dtype), value=scale)
     Xt, Pt = X.to(target.dtype), P.to(target.dtype)
+    product_ = target.addmm_ if target.dim() == 2 else target.baddbmm_
     if side == "right":
-        target.addmm_(Xt, Pt, alpha=scale)
+        product_(Xt, Pt, alpha=scale)
     else:
-        target.addmm_(Pt, Xt, alpha=scale)
+        product_(Pt, Xt, alpha=scale)
 
 
 def decay_(p: torch.Tensor, o: GroupOptions) -> None:
@@ -221,48 +234,33 @@ def batched_update_(
     (after increment), none in the left-square quirk. The stacking copies cost 3 passes over B * m * n
     numbers, so this pays only when per-operation overhead dominates (small matrices: STACKED_MAX_NUMEL).
     """
-    dt = states[0].exp_avg.dtype
     one = len(states) == 1  # views instead of stacked copies
-    st0 = states[0]
-    G = Gs[0].to(dt).unsqueeze(0) if one else torch.stack([g.to(dt) for g in Gs])  # (B, m, n)
-    P = st0.projector.unsqueeze(0) if one else torch.stack([s.projector for s in states])  # (B, k, n) / (B, m, k)
-    Pt = P.transpose(1, 2)
-    R = torch.bmm(G, Pt) if side == "right" else torch.bmm(Pt, G)  # (B, m, k) / (B, k, n)
-    M = st0.exp_avg.unsqueeze(0) if one else torch.stack([s.exp_avg for s in states])
-    V = st0.exp_avg_sq.unsqueeze(0) if one else torch.stack([s.exp_avg_sq for s in states])
+
+    def stacked(ts: list[torch.Tensor]) -> torch.Tensor:
+        return ts[0].unsqueeze(0) if one else torch.stack(ts)
+
+    dt = states[0].exp_avg.dtype
+    G = stacked([g.to(dt) for g in Gs])  # (B, m, n)
+    P = stacked([s.projector for s in states])  # (B, k, n) / (B, m, k)
+    M, V = stacked([s.exp_avg for s in states]), stacked([s.exp_avg_sq for s in states])
+    R = project(G, P, side)  # (B, m, k) / (B, k, n)
     N = adam_normalized_(R, M, V, o)
     if not one:
         for s, m_i, v_i in zip(states, M, V):
             s.exp_avg.copy_(m_i)
             s.exp_avg_sq.copy_(v_i)
-    step_size = bias_corrected_step_size(o, step)
-    c = None
+    phi = lim = None
     if o.algorithm == Algorithm.FIRA:
-        ax = 2 if side == "right" else 1  # per row (B, m, 1) / per column (B, 1, n)
-        r_norm = torch.linalg.vector_norm(R, dim=ax, keepdim=True)
-        phi = torch.linalg.vector_norm(N, dim=ax, keepdim=True) / (r_norm + NORM_EPS)
-        beta = residual_coefficient(o)
-        g_sq = torch.linalg.vector_norm(G, dim=ax, keepdim=True).square()  # no (m, n) temporary
-        res = (g_sq - (2.0 * beta - beta * beta) * r_norm.square()).clamp_(min=0.0)
-        terms = phi.square() * res  # ||S||^2 = sum of these (module docstring)
+        phi, terms = scaling_and_residual_terms(G, R, N, side, residual_coefficient(o))
         lims = []
-        for i, s in enumerate(states):  # per-matrix sums and limiters
-            lim, new_norm = limiter(terms[i].sum().sqrt(), s.limiter_norm, o.limiter_gamma, has_prev=step > 1)
+        for s, t in zip(states, terms):  # per-matrix sums and limiters
+            lim_i, new_norm = limiter(t.sum().sqrt(), s.limiter_norm, o.limiter_gamma, has_prev=step > 1)
             s.limiter_norm.copy_(new_norm)
-            lims.append(lim)
-        c = phi / torch.stack(lims).view(-1, 1, 1)
-        X = torch.addcmul(N.mul_(o.alpha), c, R, value=-beta)
-    else:
-        X = N.mul_(o.alpha)
-    T = targets[0].unsqueeze(0) if one else torch.stack(targets)
-    tdt = T.dtype
-    if c is not None:
-        T.addcmul_(G.to(tdt), c.to(tdt), value=-step_size)
-    Xt, Pb = X.to(tdt), P.to(tdt)
-    if side == "right":
-        T.baddbmm_(Xt, Pb, alpha=-step_size)
-    else:
-        T.baddbmm_(Pb, Xt, alpha=-step_size)
+            lims.append(lim_i)
+        lim = torch.stack(lims).view(-1, 1, 1)
+    X, c = lowrank_direction_parts(N, R, phi, lim, o)
+    T = stacked(targets)
+    apply_direction_(T, G, X, c, P, side, -bias_corrected_step_size(o, step))
     decay_(T, o)
     if not one:
         for t, t_new in zip(targets, T):

@@ -54,8 +54,8 @@ def _randomized_projector(
     """Halko-Martinsson-Tropp range finder with power iterations, then the top-k directions of the sketch.
 
     With A the (a, b) matrix whose top-k left singular vectors we want and ell = k + oversample:
-    Y = A Omega (a, ell), power iterations Y <- A A^T orth(Y) (Cholesky QR), Qb = orth(Y) (Householder), B = Qb^T A (ell, b); the top-k
-    eigenvectors W of the (ell, ell) Gram matrix B B^T (formed and solved in float64) give U = Qb W (a, k).
+    Y = A Omega (a, ell), power iterations Y <- A A^T orth(Y) (Cholesky QR), Qb = orth(Y) (Householder),
+    B = Qb^T A (ell, b); the top-k eigenvectors W of the (ell, ell) Gram matrix B B^T (formed and solved in float64) give U = Qb W (a, k).
     Cost: about 2 a b ell (2 q + 2) flops of matrix products plus QRs of (a, ell) and an (ell, ell)
     eigensolve, against O(a b min(a, b)) with a large constant for the full SVD. The Gram matrix squares
     the singular values, which float64 holds for any fp32 gradient (relative precision ~1e-16 vs 1e-7^2).

@@ -132,11 +132,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from fira_dist.pretrain.distributed import destroy, exit_without_finalization
+
     code = main()
-    # Leave without interpreter finalization: gloo's threads can abort it after all work is done
-    # ("terminate called without an active exception"); see fira_dist.pretrain.distributed.
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    destroy()
+    exit_without_finalization(code)  # gloo's threads can abort interpreter finalization

@@ -87,8 +87,7 @@ def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None])
     for (shape, side, o, step, *_), members in groups.items():
         states = [LowRankState(st["projector"], st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"])
                   for _, st in members]
-        quirk = is_left_square_quirk(side, tuple(states[0].exp_avg.shape), shape)
-        if len(members) == 1 or quirk:
+        if is_left_square_quirk(side, tuple(states[0].exp_avg.shape), shape):  # never stacked
             for (task, _), lrs in zip(members, states):
                 whole_matrix_update_(task.param, task.grad, lrs, o, side, step)
         else:
