@@ -205,12 +205,20 @@ class Fira(torch.optim.Optimizer):
                 out.append(Task(p, p.grad, opts, name, tuple(shape)))
         return out
 
-    def finite_mask(self, grads: list[torch.Tensor]) -> list[bool]:
-        """One host sync for all gradients: is each one free of NaN/Inf?"""
+    def finite_mask(self, grads: list[torch.Tensor], known: list[torch.Tensor | None] | None = None) -> list[bool]:
+        """One host sync for all gradients: is each one free of NaN/Inf?
+
+        known[i], where given, is a tensor computed from grads[i] that is finite iff grads[i] is (the squared row
+        norms a Fira step needs anyway): it stands in for grads[i], which then is not read again.
+        """
         if not self.skip_nonfinite or not grads:
             return [True] * len(grads)
-        norms = torch._foreach_norm([g.float() if g.dtype not in (torch.float32, torch.float64) else g for g in grads])
-        return torch.isfinite(torch.stack([n.float().cpu() for n in norms])).tolist()
+        known = known or [None] * len(grads)
+        todo = [g.float() if g.dtype not in (torch.float32, torch.float64) else g
+                for g, k in zip(grads, known) if k is None]
+        norms = iter(torch._foreach_norm(todo) if todo else [])
+        sums = [next(norms) if k is None else k.sum() for k in known]
+        return torch.isfinite(torch.stack([s.float().cpu() for s in sums])).tolist()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -211,10 +211,14 @@ def test_bf16_params_keep_fp32_state_through_load():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_skips_and_keeps_state(bad):
-    shape, rank = (32, 16), 4
+@pytest.mark.parametrize("shape,algorithm", [((32, 16), "fira"), ((16, 32), "fira"), ((640, 256), "fira"),
+                                             ((32, 16), "galore")])
+def test_nonfinite_gradient_skips_and_keeps_state(bad, shape, algorithm):
+    # Fira matrices are checked through their per-row / per-column gradient norms (computed up front), GaLore
+    # ones through a norm of the whole gradient; (640, 256) is past STACKED_MAX_NUMEL (the 2-D form).
+    rank = 4
     p = torch.nn.Parameter(torch.randn(shape))
-    opt = Fira([{"params": [p], "rank": rank, "update_proj_gap": 3}], lr=1e-2)
+    opt = Fira([{"params": [p], "rank": rank, "update_proj_gap": 3, "algorithm": algorithm}], lr=1e-2)
     grads = gapped_grads(shape, 6, 1, rank)
     for g in grads[:3]:
         p.grad = g.clone()
@@ -229,10 +233,24 @@ def test_nonfinite_gradient_skips_and_keeps_state(bad):
     assert torch.equal(p.detach(), p_before)
     for k, v in before.items():
         assert torch.equal(opt.state[p][k], v), k
-    assert opt.layout.skipped == {"param 0 of group 0 (32, 16)": 1}
+    assert opt.layout.skipped == {f"param 0 of group 0 {shape}": 1}
     p.grad = grads[4].clone()
     opt.step()  # training goes on
     assert torch.isfinite(p).all() and not torch.equal(p.detach(), p_before)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (300, 2000), (3, 40, 900)])
+def test_squared_norms_match_vector_norm(shape):
+    from fira_dist.algorithm import squared_norms
+
+    T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for dim in (-1, -2):
+        want = torch.linalg.vector_norm(T.double(), dim=dim, keepdim=True).square()
+        got = squared_norms(T, dim)
+        assert got.shape == want.shape and got.dtype == T.dtype
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="dim must be -1 or -2"):
+        squared_norms(T, 0 if T.dim() == 3 else 5)
 
 
 def test_svd_failure_retries_in_float64_then_keeps_projector(monkeypatch):

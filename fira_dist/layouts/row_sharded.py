@@ -65,6 +65,7 @@ from fira_dist.algorithm import (
     project,
     residual_coefficient,
     scaling_and_residual_sq,
+    squared_norms,
     adam_normalized_,
 )
 from fira_dist.comm import Comm
@@ -352,7 +353,7 @@ class RowSharded(SingleProcess):
             else:
                 w["partial"] = project(Gc, st["projector"].to_local(), "left")  # (k, n): P_me^T G_me
                 if e.fira:
-                    w["g_sq"] = torch.linalg.vector_norm(Gc, dim=0, keepdim=True).square()  # (1, n)
+                    w["g_sq"] = squared_norms(Gc, -2)  # (1, n)
             work[i] = w
         if left:
             self._reduce_scatter_left(left, work)

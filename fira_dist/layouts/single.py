@@ -41,14 +41,34 @@ def refresh_projector_(opt: Any, task: Any, st: dict[str, Any], G: torch.Tensor)
     return True
 
 
-def whole_matrix_step_(opt: Any, task: Any, st: dict[str, Any], G: torch.Tensor, target: torch.Tensor) -> bool:
-    """Refresh (if due), then one low-rank step of target (m, n) from the whole gradient G. False if skipped."""
+def whole_matrix_step_(opt: Any, task: Any, st: dict[str, Any], G: torch.Tensor, target: torch.Tensor,
+                       g_sq: torch.Tensor | None = None) -> bool:
+    """Refresh (if due), then one low-rank step of target (m, n) from the whole gradient G. False if skipped.
+    g_sq: see algorithm.whole_matrix_update_."""
     if not refresh_projector_(opt, task, st, G):
         return False
     st["step"] += 1
     lrs = LowRankState(st["projector"], st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"])
-    whole_matrix_update_(target, G, lrs, task.opts, task.side, int(st["step"]))
+    whole_matrix_update_(target, G, lrs, task.opts, task.side, int(st["step"]), g_sq)
     return True
+
+
+def gradient_norms_up_front(opt: Any, tasks: list[Any]) -> list[torch.Tensor | None]:
+    """For each task whose step reads ||G||^2 per row / column (a Fira matrix), those norms, computed now so
+    that they also serve as its NaN/Inf check (opt.finite_mask(known=...)): one pass over G fewer per step.
+    None for the others. Only when non-finite gradients are checked at all."""
+    if not opt.skip_nonfinite:
+        return [None] * len(tasks)
+    out = []
+    for t in tasks:
+        o = t.opts
+        if t.low_rank and algorithm.uses_gradient_norms(o, t.side, tuple(t.grad.shape)):
+            m = opt.state.get(t.param, {}).get("exp_avg")  # the dtype the step will compute in
+            dt = m.dtype if m is not None else opt.state_dtype(o, t.grad.dtype)
+            out.append(algorithm.gradient_norms_sq(t.grad, t.side, dt))
+        else:
+            out.append(None)
+    return out
 
 
 def adam_step_(opt: Any, task: Any, g: torch.Tensor, target: torch.Tensor, state_key: Any) -> None:
@@ -66,8 +86,9 @@ def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None])
 
     Projector refreshes run matrix by matrix; the updates of same-shape matrices (same options, step and
     dtypes) of at most algorithm.STACKED_MAX_NUMEL numbers run stacked, with the same bits as one by one."""
-    groups: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
-    for task, ok in zip(tasks, opt.finite_mask([t.grad for t in tasks])):
+    groups: dict[tuple, list[tuple[Any, dict[str, Any], torch.Tensor | None]]] = {}
+    g_sqs = gradient_norms_up_front(opt, tasks)
+    for task, g_sq, ok in zip(tasks, g_sqs, opt.finite_mask([t.grad for t in tasks], known=g_sqs)):
         if not ok:
             on_nonfinite(task)
             continue
@@ -76,22 +97,24 @@ def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None])
             continue
         st = opt.init_matrix_state(task.param, task)
         if task.grad.numel() > algorithm.STACKED_MAX_NUMEL or not BATCH_SAME_SHAPE:
-            whole_matrix_step_(opt, task, st, task.grad, task.param)
+            whole_matrix_step_(opt, task, st, task.grad, task.param, g_sq)
             continue
         if not refresh_projector_(opt, task, st, task.grad):
             continue
         st["step"] += 1
         key = (tuple(task.grad.shape), task.side, task.opts, int(st["step"]), task.param.dtype,
                st["exp_avg"].dtype, task.grad.device)
-        groups.setdefault(key, []).append((task, st))
+        groups.setdefault(key, []).append((task, st, g_sq))
     for (shape, side, o, step, *_), members in groups.items():
         states = [LowRankState(st["projector"], st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"])
-                  for _, st in members]
+                  for _, st, _ in members]
+        have = all(g is not None for _, _, g in members)
         if is_left_square_quirk(side, tuple(states[0].exp_avg.shape), shape):  # never stacked
-            for (task, _), lrs in zip(members, states):
+            for (task, _, _), lrs in zip(members, states):
                 whole_matrix_update_(task.param, task.grad, lrs, o, side, step)
         else:
-            batched_update_([t.param for t, _ in members], [t.grad for t, _ in members], states, o, side, step)
+            batched_update_([t.param for t, _, _ in members], [t.grad for t, _, _ in members], states, o, side,
+                            step, [g for _, _, g in members] if have else None)
 
 
 class SingleProcess:
