@@ -3,7 +3,8 @@
 For each model size, the low-rank weights of one LLaMA (q, k, v, o, gate, up, down per layer) with fixed
 random gradients (the dense embedding / norm parameters are left out: they are plain Adam in every
 optimizer). Reports, in one run:
-- steady-state step time (no projector refresh): median over --steps steps after a warm-up, and the time
+- steady-state step time (no projector refresh): median over --steps steps after a warm-up (the optimizers
+  take turns step by step, so that a slow spell of a shared machine falls on all of them), and the time
   of the matrix products alone (2 per matrix for ours, 3 for the reference): the floor of ours/ref where
   the products dominate the step;
 - refresh-step time (SVD of every matrix, then the step), exact SVD and randomized, the projectors alone
@@ -75,16 +76,32 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved(timers: dict, rounds: int) -> dict[str, list[float]]:
+    """Each timer (a callable returning seconds) once per round, in turn: {name: [seconds per round]}."""
+    out: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            out[name].append(timer())
+    return out
+
+
 def bench_size(name: str, steps: int, threads: int) -> dict:
     hidden, inter, layers, rank = SIZES[name]
     mats = matrices(hidden, inter, layers)
     grads = [g for _, g in mats]
     res: dict = {"size": name, "matrices": len(mats), "rank": rank, "threads": threads}
+    # The optimizers take turns, one step each per round, so that a slower spell of a shared machine falls
+    # on all of them alike; each kind's median over the rounds.
+    runs = {}
     for kind in ("fira_dist", "reference", "adamw"):
         params = [torch.nn.Parameter(w.clone()) for w, _ in mats]
-        opt = make(kind, params, rank, gap=10**9)
-        time_steps(opt, params, grads, 2)  # warm-up (first step: SVD)
-        res[f"steady_{kind}_s"] = statistics.median(time_steps(opt, params, grads, steps))
+        runs[kind] = (make(kind, params, rank, gap=10**9), params)
+        time_steps(*runs[kind], grads, 2)  # warm-up (first step: SVD)
+    times = interleaved({kind: (lambda o=opt, p=params: time_steps(o, p, grads, 1)[0])
+                         for kind, (opt, params) in runs.items()}, steps)
+    for kind, ts in times.items():
+        res[f"steady_{kind}_s"] = statistics.median(ts)
+    del runs
     # The floor set by the matrix products alone: ours needs 2 per matrix (project, project back), the
     # reference 3 (it also projects G back for the residual). Where they dominate, ours/ref -> 2/3.
     prods = []
@@ -100,19 +117,27 @@ def bench_size(name: str, steps: int, threads: int) -> dict:
             for _ in range(n - 1):
                 project_back(R, P, side)
 
-    for n_prod in (2, 3):
-        products(n_prod)
-        res[f"products{n_prod}_s"] = statistics.median(_timed(lambda: products(n_prod)) for _ in range(max(3, steps)))
+    products(3)  # warm-up
+    res.update({f"products{n}_s": statistics.median(ts) for n, ts in interleaved(
+        {n: (lambda n=n: _timed(lambda: products(n))) for n in (2, 3)}, max(3, steps)).items()})
+    refresh = {}
     for kind, projector in (("fira_dist", "svd"), ("fira_dist", "randomized"), ("reference", "svd")):
         params = [torch.nn.Parameter(w.clone()) for w, _ in mats]
         opt = make(kind, params, rank, gap=1, projector=projector)  # every step refreshes
         time_steps(opt, params, grads, 1)
-        res[f"refresh_{kind}_{projector}_s"] = min(time_steps(opt, params, grads, 3))
-    for projector in ("svd", "randomized"):  # the projectors alone, every matrix once (what a refresh adds)
-        gen = torch.Generator().manual_seed(0)
-        compute_projector(grads[-1], rank, side_for(grads[-1].shape, "std"), kind=projector, generator=gen)  # warm-up
-        res[f"projectors_{projector}_s"] = min(_timed(lambda: [compute_projector(
-            g, rank, side_for(g.shape, "std"), kind=projector, generator=gen) for g in grads]) for _ in range(3))
+        refresh[f"refresh_{kind}_{projector}_s"] = (lambda o=opt, p=params: time_steps(o, p, grads, 1)[0])
+    res.update({key: min(ts) for key, ts in interleaved(refresh, 3).items()})
+    del refresh
+    gen = torch.Generator().manual_seed(0)
+
+    def projectors(kind: str) -> float:  # every matrix once: what a refresh adds to a step
+        return _timed(lambda: [compute_projector(g, rank, side_for(g.shape, "std"), kind=kind, generator=gen)
+                               for g in grads])
+
+    for projector in ("svd", "randomized"):  # warm-up
+        compute_projector(grads[-1], rank, side_for(grads[-1].shape, "std"), kind=projector, generator=gen)
+    res.update({f"projectors_{kind}_s": min(ts) for kind, ts in interleaved(
+        {kind: (lambda kind=kind: projectors(kind)) for kind in ("svd", "randomized")}, 3).items()})
     errs, energy, energy_decay = [], [], []
     gen = torch.Generator().manual_seed(1)
     for _, g in mats[:7]:  # one layer: each distinct shape
