@@ -83,7 +83,7 @@ def _orthonormalize_cheaply(Y: torch.Tensor) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(Y.T @ Y)  # (ell, ell), lower
     if int(info) != 0:
         return torch.linalg.qr(Y)[0]
-    return torch.linalg.solve_triangular(L, Y.T, upper=False).T  # Y L^{-T}
+    return torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)  # Y L^{-T}: half the time of L^{-1} Y^T
 
 
 def compute_projector(
