@@ -32,6 +32,7 @@ import math
 import torch
 
 from fira_dist.config import Algorithm, GroupOptions, Residual
+from fira_dist.projector import lowrank_shape
 
 NORM_EPS = 1e-8  # the reference's epsilon in phi and in the limiter
 
@@ -89,11 +90,11 @@ def squared_norms(T: torch.Tensor, dim: int) -> torch.Tensor:
     if dim not in (-2, T.dim() - 2):
         raise ValueError(f"squared_norms: dim must be -1 or -2 (of a {T.dim()}-d tensor), got {dim}")
     rows = max(1, _COLUMN_NORM_CHUNK_NUMEL // max(1, T.shape[-1]))
-    out = None
-    for chunk in T.split(rows, dim=-2):
-        part = chunk.square().sum(dim=-2, keepdim=True)
-        out = part if out is None else out.add_(part)
-    return out if out is not None else T.new_zeros(*T.shape[:-2], 1, T.shape[-1])
+    first, *rest = T.split(rows, dim=-2)  # at least one chunk, even with no rows
+    out = first.square().sum(dim=-2, keepdim=True)
+    for chunk in rest:
+        out.add_(chunk.square().sum(dim=-2, keepdim=True))
+    return out
 
 
 def residual_coefficient(o: GroupOptions) -> float:
@@ -200,9 +201,8 @@ def is_left_square_quirk(side: str, lowrank_shape: tuple[int, int], full_shape: 
 def uses_gradient_norms(o: GroupOptions, side: str, full_shape: tuple[int, int]) -> bool:
     """Whether the step of this matrix reads ||G||^2 along the projected dimension (gradient_norms_sq): Fira,
     except the left-square quirk (which forms S explicitly)."""
-    k = min(o.rank, *full_shape)
-    lowrank = (full_shape[0], k) if side == "right" else (k, full_shape[1])
-    return o.algorithm == Algorithm.FIRA and not is_left_square_quirk(side, lowrank, full_shape)
+    return o.algorithm == Algorithm.FIRA and not is_left_square_quirk(
+        side, lowrank_shape(full_shape, o.rank, side), full_shape)
 
 
 def gradient_norms_sq(G: torch.Tensor, side: str, dtype: torch.dtype) -> torch.Tensor:

@@ -108,13 +108,13 @@ def step_tasks_(opt: Any, tasks: list[Any], on_nonfinite: Callable[[Any], None])
     for (shape, side, o, step, *_), members in groups.items():
         states = [LowRankState(st["projector"], st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"])
                   for _, st, _ in members]
-        have = all(g is not None for _, _, g in members)
         if is_left_square_quirk(side, tuple(states[0].exp_avg.shape), shape):  # never stacked
             for (task, _, _), lrs in zip(members, states):
                 whole_matrix_update_(task.param, task.grad, lrs, o, side, step)
         else:
+            g_sqs = [g for _, _, g in members]  # all None or none: same options, same check
             batched_update_([t.param for t, _, _ in members], [t.grad for t, _, _ in members], states, o, side,
-                            step, [g for _, _, g in members] if have else None)
+                            step, None if g_sqs[0] is None else g_sqs)
 
 
 class SingleProcess:
