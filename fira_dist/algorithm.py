@@ -52,10 +52,58 @@ def bias_corrected_step_size(o: GroupOptions, step: int) -> float:
 
 
 def adam_normalized_(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, o: GroupOptions) -> torch.Tensor:
-    """Update the moments in place (same op order as the reference) and return N = m / (sqrt(v) + eps)."""
+    """Update the moments in place (same op order as the reference) and return N = m / (sqrt(v) + eps).
+
+    Seven elementwise kernels: for tensors that a layout may split anywhere (plain Adam's rows or flat slices),
+    where every element must get the same bits whatever the split. Low-rank moments, always updated a whole
+    matrix at a time, take lowrank_adam_ instead.
+    """
     exp_avg.mul_(o.beta1).add_(g, alpha=1.0 - o.beta1)
     exp_avg_sq.mul_(o.beta2).addcmul_(g, g, value=1.0 - o.beta2)
     return exp_avg / exp_avg_sq.sqrt().add_(o.eps)
+
+
+# A step count at which torch's fused Adam kernel has bias corrections of exactly 1 (beta^step underflows to 0
+# in float64 for any beta <= _FUSED_MAX_BETA), so that it computes the reference's N; the bias correction is
+# applied in the step size (bias_corrected_step_size), as the reference does.
+_UNCORRECTED_STEP = 2.0**40
+_FUSED_MAX_BETA = 1.0 - 1e-9
+_step_tensors: dict[torch.device, torch.Tensor] = {}
+
+
+def _uncorrected_step(device: torch.device) -> torch.Tensor:
+    t = _step_tensors.get(device)
+    if t is None:  # float32 on the tensors' device, as the CUDA kernel requires
+        t = _step_tensors[device] = torch.tensor(_UNCORRECTED_STEP, dtype=torch.float32, device=device)
+    return t
+
+
+def lowrank_adam_(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, o: GroupOptions,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """adam_normalized_ for one matrix's whole low-rank moments, in one fused kernel: returns N (into out).
+
+    torch._fused_adam_ with lr = -1 and bias corrections of 1, on a zeroed N: N = m / (sqrt(v) + eps) as the
+    reference (v bitwise as adam_normalized_; m as torch's lerp, within an ulp). One pass instead of seven
+    kernels and three temporaries: LLaMA-60M's low-rank moments in 5 ms instead of 31 ms on a 2-core CPU. The
+    kernel takes the last numel % 8 (or 16) elements of a call on a scalar path, so a matrix gets the same bits
+    only if it always gets a call of its own: never pass several matrices stacked in one tensor.
+
+    g, exp_avg, exp_avg_sq, out: one shape, dtype and device; g and out may be views (g is copied if not
+    contiguous, as the kernel reads raw memory); the moments must be contiguous.
+    """
+    if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
+        raise ValueError("lowrank_adam_: the moments must be contiguous tensors")
+    if exp_avg.device.type not in ("cpu", "cuda") or max(o.beta1, o.beta2) > _FUSED_MAX_BETA:
+        n = adam_normalized_(g, exp_avg, exp_avg_sq, o)  # no fused kernel here, or no underflow to rely on
+        return n if out is None else out.copy_(n)
+    g = g.contiguous()
+    n = torch.zeros_like(exp_avg) if out is None or not out.is_contiguous() else out.zero_()
+    torch._fused_adam_([n], [g], [exp_avg], [exp_avg_sq], [], [_uncorrected_step(exp_avg.device)], lr=-1.0,
+                       beta1=o.beta1, beta2=o.beta2, weight_decay=0.0, eps=o.eps, amsgrad=False, maximize=False)
+    if out is not None and out is not n:
+        out.copy_(n)
+        return out
+    return n
 
 
 def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
@@ -231,7 +279,7 @@ def whole_matrix_update_(
         return
     Gc = G.to(st.exp_avg.dtype)
     R = project(Gc, st.projector, side)
-    N = adam_normalized_(R, st.exp_avg, st.exp_avg_sq, o)
+    N = lowrank_adam_(R, st.exp_avg, st.exp_avg_sq, o)
     step_size = bias_corrected_step_size(o, step)
     if quirk:
         _left_square_quirk_update_(target, Gc, R, N, st, o, step, step_size)
@@ -271,8 +319,8 @@ def batched_update_(
 ) -> None:
     """whole_matrix_update_ for B matrices of one shape at once: stacked (B, m, n) tensors, bmm, and one
     elementwise kernel per operation instead of B. Same results as whole_matrix_update_ on each matrix
-    (every operation is per matrix: per-row / per-column norms, per-matrix sums, a per-slice bmm; a batch of
-    one, whole_matrix_update_, runs the same kernels on views).
+    (every operation is per matrix: per-row / per-column norms, per-matrix sums, a per-slice bmm, the fused
+    moments update called per matrix; a batch of one, whole_matrix_update_, runs the same kernels on views).
 
     targets and Gs (m, n) each, states with projectors (k, n) right / (m, k) left, all at the same step
     (after increment), none in the left-square quirk. The stacking copies cost 3 passes over B * m * n
@@ -287,13 +335,10 @@ def batched_update_(
     dt = states[0].exp_avg.dtype
     G = stacked([g.to(dt) for g in Gs])  # (B, m, n)
     P = stacked([s.projector for s in states])  # (B, k, n) / (B, m, k)
-    M, V = stacked([s.exp_avg for s in states]), stacked([s.exp_avg_sq for s in states])
     R = project(G, P, side)  # (B, m, k) / (B, k, n)
-    N = adam_normalized_(R, M, V, o)
-    if not one:
-        for s, m_i, v_i in zip(states, M, V):
-            s.exp_avg.copy_(m_i)
-            s.exp_avg_sq.copy_(v_i)
+    N = torch.empty_like(R)
+    for s, r_i, n_i in zip(states, R, N):  # a call per matrix: the same bits as alone (see lowrank_adam_)
+        lowrank_adam_(r_i, s.exp_avg, s.exp_avg_sq, o, out=n_i)
     phi = lim = None
     if o.algorithm == Algorithm.FIRA:
         if g_sqs is None:

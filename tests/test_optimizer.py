@@ -253,6 +253,31 @@ def test_squared_norms_match_vector_norm(shape):
         squared_norms(T, 0 if T.dim() == 3 else 5)
 
 
+@pytest.mark.parametrize("shape, betas", [((13, 5), (0.9, 0.999)), ((64, 24), (0.0, 0.5)),
+                                          ((24, 64), (0.95, 1.0 - 1e-12))])
+def test_fused_lowrank_moments_match_the_reference_formula(shape, betas):
+    """lowrank_adam_ (torch's fused Adam kernel with its bias corrections at 1) gives the moments and
+    N = m / (sqrt(v) + eps) of the reference's elementwise ops over several steps, for a gradient that is a
+    non-contiguous view, a size whose tail takes the kernel's scalar path, and a beta2 too close to 1 for it."""
+    from fira_dist.algorithm import adam_normalized_, lowrank_adam_
+    from fira_dist.config import GroupOptions
+
+    o = GroupOptions.from_group({"lr": 1e-3, "betas": betas, "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True,
+                                 "rank": 4}, where="test")
+    gen = torch.Generator().manual_seed(0)
+    m1, v1, m2, v2 = (torch.zeros(shape) for _ in range(4))
+    out = torch.full(shape, float("nan"))
+    for _ in range(5):
+        g = torch.randn(shape[::-1], generator=gen).mT * 1e-3  # a transposed view
+        want = adam_normalized_(g, m1, v1, o)
+        got = lowrank_adam_(g, m2, v2, o, out=out)
+        assert got is out
+        for a, b in ((got, want), (m2, m1), (v2, v1)):  # within a few ulps of the largest element
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * float(b.abs().max()))
+    with pytest.raises(ValueError, match="contiguous"):
+        lowrank_adam_(g, m2.mT, v2.mT, o)
+
+
 def test_svd_failure_retries_in_float64_then_keeps_projector(monkeypatch):
     import fira_dist.projector as proj
 

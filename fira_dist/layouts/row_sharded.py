@@ -66,7 +66,7 @@ from fira_dist.algorithm import (
     residual_coefficient,
     scaling_and_residual_sq,
     squared_norms,
-    adam_normalized_,
+    lowrank_adam_,
 )
 from fira_dist.comm import Comm
 from fira_dist.config import Algorithm, GroupOptions
@@ -360,7 +360,7 @@ class RowSharded(SingleProcess):
         s_sq = []
         for i in live:
             e, st, w = E[i], self.opt.state[E[i].param], work[i]
-            w["N"] = adam_normalized_(w["R"], st["exp_avg"].to_local(), st["exp_avg_sq"].to_local(), e.opts)
+            w["N"] = lowrank_adam_(w["R"], st["exp_avg"].to_local(), st["exp_avg_sq"].to_local(), e.opts)
             if e.fira:
                 w["phi"], part = scaling_and_residual_sq(w["G"] if e.kind == "right" else None, w["R"], w["N"], e.kind,
                                                          residual_coefficient(e.opts), g_sq=w.get("g_sq_cols"))
