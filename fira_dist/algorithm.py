@@ -161,12 +161,17 @@ def scaling_and_residual_terms(
     (a column-sharded left projection sums them across ranks); G is then not read.
     """
     ax = _axis(side)
-    r_sq = squared_norms(R, ax)  # (m,1) / (1,n)
-    phi = squared_norms(N, ax).sqrt_().div_(r_sq.sqrt().add_(NORM_EPS))
+    if ax == -1:  # per row: norms directly (one kernel each)
+        r_norm = torch.linalg.vector_norm(R, dim=-1, keepdim=True)  # (m, 1)
+        phi = torch.linalg.vector_norm(N, dim=-1, keepdim=True).div_(r_norm + NORM_EPS)
+        r_sq = r_norm.square_()
+    else:  # per column: from squared norms (see squared_norms)
+        r_sq = squared_norms(R, ax)  # (1, n)
+        phi = squared_norms(N, ax).sqrt_().div_(r_sq.sqrt().add_(NORM_EPS))
     if g_sq is None:
         g_sq = squared_norms(G, ax)  # no (m, n) temporary
-    res = (g_sq - (2.0 * beta - beta * beta) * r_sq).clamp_(min=0.0)
-    return phi, phi.square() * res
+    res = torch.sub(g_sq, r_sq, alpha=2.0 * beta - beta * beta).clamp_(min=0.0)
+    return phi, res.mul_(phi).mul_(phi)
 
 
 def scaling_and_residual_sq(
@@ -192,12 +197,12 @@ def limiter(
 def lowrank_direction_parts(
     N: torch.Tensor, R: torch.Tensor, phi: torch.Tensor | None, lim: torch.Tensor | None, o: GroupOptions
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """X (low-rank shape) and c (phi / lim, or None for GaLore) with direction = back(X) + c * G."""
+    """X (low-rank shape, in N's storage: N is overwritten) and c (phi / lim, or None for GaLore) with
+    direction = back(X) + c * G."""
     if o.algorithm == Algorithm.GALORE:
         return N.mul_(o.alpha), None
     c = phi / lim
-    beta = residual_coefficient(o)
-    X = torch.addcmul(N.mul_(o.alpha), c, R, value=-beta)
+    X = N.mul_(o.alpha).addcmul_(c, R, value=-residual_coefficient(o))  # in place: N is not needed after
     return X, c
 
 
