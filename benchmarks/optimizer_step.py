@@ -16,12 +16,16 @@ optimizer). Reports, in one run:
     python benchmarks/optimizer_step.py                 # LLaMA-60M and -130M, prints a table
     python benchmarks/optimizer_step.py --sizes 60m --steps 5 --json out.json
     python benchmarks/optimizer_step.py --batching      # same-shape matrices one by one vs stacked
+    python benchmarks/optimizer_step.py --moments       # the low-rank Adam: elementwise kernels vs fused
+
+--sizes toy (hidden 64, 2 layers, rank 16) is for the tests: it runs in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -36,14 +40,20 @@ from fira_dist.projector import compute_projector, side_for, subspace_error
 SIZES = {  # hidden, intermediate, layers, rank (the GaLore / Fira papers' settings)
     "60m": (512, 1376, 8, 128),
     "130m": (768, 2048, 12, 256),
+    "toy": (64, 172, 2, 16),
 }
 
 
+def layer_shapes(hidden: int, inter: int) -> list[tuple[int, int]]:
+    """q, k, v, o, gate, up, down as nn.Linear weights (out_features, in_features)."""
+    return [(hidden, hidden)] * 4 + [(inter, hidden), (inter, hidden), (hidden, inter)]
+
+
 def matrices(hidden: int, inter: int, layers: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(weight, grad) pairs with the shapes of nn.Linear weights (out_features, in_features)."""
+    """(weight, grad) pairs, layer after layer."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [(hidden, hidden)] * 4 + [(inter, hidden), (inter, hidden), (hidden, inter)]
-    return [(torch.randn(s, generator=g) * 0.02, torch.randn(s, generator=g) * 1e-3) for _ in range(layers) for s in shapes]
+    return [(torch.randn(s, generator=g) * 0.02, torch.randn(s, generator=g) * 1e-3)
+            for _ in range(layers) for s in layer_shapes(hidden, inter)]
 
 
 def make(kind: str, params: list[torch.nn.Parameter], rank: int, gap: int, projector: str = "svd"):
@@ -167,6 +177,33 @@ def power_law(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     return (U / torch.arange(1, k + 1, dtype=torch.float32)) @ V.T
 
 
+def bench_moments(name: str, steps: int) -> dict:
+    """One step's low-rank Adam over a size's low-rank moments (m, k) / (k, n): the seven elementwise kernels
+    of algorithm.adam_normalized_ against the fused kernel of algorithm.lowrank_adam_ (what the optimizer
+    uses), taking turns; medians over `steps` rounds."""
+    from fira_dist.algorithm import adam_normalized_, lowrank_adam_
+    from fira_dist.config import GroupOptions
+    from fira_dist.projector import lowrank_shape
+
+    hidden, inter, layers, rank = SIZES[name]
+    shapes = [lowrank_shape(s, rank, side_for(s, "std")) for _ in range(layers) for s in layer_shapes(hidden, inter)]
+    g = torch.Generator().manual_seed(0)
+    Rs = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
+    o = GroupOptions.from_group({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0,
+                                 "correct_bias": True, "rank": rank}, where="bench_moments")
+    kinds = {"elementwise": adam_normalized_, "fused": lowrank_adam_}
+    state = {k: [(torch.zeros(s), torch.zeros(s)) for s in shapes] for k in kinds}
+
+    def timer(kind: str) -> float:
+        return _timed(lambda: [kinds[kind](r, m, v, o) for r, (m, v) in zip(Rs, state[kind])])
+
+    for k in kinds:
+        timer(k)  # warm-up
+    times = interleaved({k: (lambda k=k: timer(k)) for k in kinds}, steps)
+    return {"size": name, "matrices": len(shapes), "numbers": sum(math.prod(s) for s in shapes),
+            **{f"{k}_s": statistics.median(ts) for k, ts in times.items()}}
+
+
 BATCH_SHAPES = [(64, 64), (128, 128), (192, 512), (256, 256), (256, 688), (512, 512), (512, 1376)]
 
 
@@ -205,8 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--batching", action="store_true",
                     help="instead: same-shape matrices one by one vs stacked, for a range of shapes")
+    ap.add_argument("--moments", action="store_true",
+                    help="instead: the low-rank Adam of one step, elementwise kernels vs the fused kernel")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    sizes = args.sizes.split(",")
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        ap.error(f"--sizes {','.join(bad)} not accepted; expected from {sorted(SIZES)}")
+    if args.moments:
+        rows = [bench_moments(s, args.steps) for s in sizes]
+        print(f"device: cpu, {args.threads} threads, torch {torch.__version__}")
+        print("| model | low-rank matrices | moment numbers | elementwise (ms) | fused (ms) | fused / elementwise |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| llama_{r['size']} | {r['matrices']} | {r['numbers']} | {1e3 * r['elementwise_s']:.2f} | "
+                  f"{1e3 * r['fused_s']:.2f} | {r['fused_s'] / r['elementwise_s']:.2f}x |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return 0
     if args.batching:
         from fira_dist.algorithm import STACKED_MAX_NUMEL
 
@@ -222,10 +277,6 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)
         return 0
-    sizes = args.sizes.split(",")
-    bad = [s for s in sizes if s not in SIZES]
-    if bad:
-        ap.error(f"--sizes {','.join(bad)} not accepted; expected from {sorted(SIZES)}")
     rows = [bench_size(s, args.steps, args.threads) for s in sizes]
     print(f"device: cpu, {args.threads} threads, torch {torch.__version__}")
     print("| model | matrices | steady: fira_dist / reference / AdamW (ms) | ours/ref | ours/AdamW "

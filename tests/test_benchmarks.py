@@ -2,7 +2,7 @@
 
 benchmarks/convergence.py --smoke: the learning-rate sweep, the seeds, Fira under DeepSpeed ZeRO-2 and FSDP2
 (2 processes), the table, the JSON and the PNG plot; a second call reuses the finished runs.
-benchmarks/optimizer_step.py on a few small matrices: prints the ratios of the README's table.
+benchmarks/optimizer_step.py at toy size (--sizes toy): prints and writes the ratios of the README's table.
 """
 
 from __future__ import annotations
@@ -70,3 +70,28 @@ def test_convergence_rejects_bad_flags_by_name(bad, says, tmp_path):
     proc = bench("convergence.py", "--smoke", "--out", str(tmp_path), *bad, timeout=120)
     assert proc.returncode == 2 and says in proc.stdout, proc.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_optimizer_step_benchmark_prints_and_writes_ratios(tmp_path):
+    """The README's optimizer-step table at toy size: every optimizer, refresh kind and projector timed, the
+    ratios printed, the JSON written; --moments times the elementwise and the fused low-rank Adam."""
+    out = tmp_path / "step.json"
+    proc = bench("optimizer_step.py", "--sizes", "toy", "--steps", "2", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    (row,) = json.loads(out.read_text())
+    assert row["size"] == "toy" and row["matrices"] == 14
+    for key in ("steady_fira_dist_s", "steady_reference_s", "steady_adamw_s", "products2_s", "products3_s",
+                "refresh_fira_dist_svd_s", "refresh_fira_dist_randomized_s", "refresh_reference_svd_s",
+                "projectors_svd_s", "projectors_randomized_s"):
+        assert row[key] > 0, key
+    assert 0.5 < row["randomized_captured_norm_decaying_min"] <= 1.0 + 1e-6
+    assert re.search(r"^\| llama_toy r=16 \| 14 \| [\d.]+ / [\d.]+ / [\d.]+ \| [\d.]+x \| ", proc.stdout, re.M), proc.stdout
+
+    proc = bench("optimizer_step.py", "--moments", "--sizes", "toy", "--steps", "2", "--json", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    (row,) = json.loads(out.read_text())
+    assert row["matrices"] == 14 and row["numbers"] == 2 * (4 * 64 * 16 + 3 * 172 * 16)
+    assert row["elementwise_s"] > 0 and row["fused_s"] > 0 and "| llama_toy | 14 |" in proc.stdout
+
+    proc = bench("optimizer_step.py", "--sizes", "7b", timeout=60)
+    assert proc.returncode == 2 and "--sizes 7b not accepted" in proc.stdout
