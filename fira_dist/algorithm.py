@@ -84,7 +84,8 @@ def lowrank_adam_(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tens
 
     torch._fused_adam_ with lr = -1 and bias corrections of 1, on a zeroed N: N = m / (sqrt(v) + eps) as the
     reference (v bitwise as adam_normalized_; m as torch's lerp, within an ulp). One pass instead of seven
-    kernels and three temporaries: LLaMA-60M's low-rank moments in 5 ms instead of 31 ms on a 2-core CPU. The
+    kernels and three temporaries: 0.46-0.78x the time for LLaMA-60M's low-rank moments on a 2-core CPU, and
+    half with an allocator that reuses freed pages (`python benchmarks/optimizer_step.py --moments`). The
     kernel takes the last numel % 8 (or 16) elements of a call on a scalar path, so a matrix gets the same bits
     only if it always gets a call of its own: never pass several matrices stacked in one tensor.
 
