@@ -240,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steady-state steps per optimizer")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--batching", action="store_true",
-                    help="instead: same-shape matrices one by one vs stacked, for a range of shapes")
-    ap.add_argument("--moments", action="store_true",
-                    help="instead: the low-rank Adam of one step, elementwise kernels vs the fused kernel")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--batching", action="store_true",
+                      help="instead: same-shape matrices one by one vs stacked, for a range of shapes")
+    mode.add_argument("--moments", action="store_true",
+                      help="instead: the low-rank Adam of one step, elementwise kernels vs the fused kernel")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = args.sizes.split(",")
