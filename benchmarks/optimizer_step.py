@@ -234,6 +234,19 @@ def bench_batching(steps: int, count: int = 8) -> list[dict]:
     return rows
 
 
+def size_line(r: dict) -> str:
+    """One model's row of the main table."""
+    s_ours, s_ref, s_adam = (r[f"steady_{k}_s"] for k in ("fira_dist", "reference", "adamw"))
+    f_svd, f_rand, f_ref = (r[k] for k in ("refresh_fira_dist_svd_s", "refresh_fira_dist_randomized_s",
+                                           "refresh_reference_svd_s"))
+    return (f"| llama_{r['size']} r={r['rank']} | {r['matrices']} | {1e3 * s_ours:.1f} / {1e3 * s_ref:.1f} / "
+            f"{1e3 * s_adam:.1f} | {s_ours / s_ref:.2f}x | {s_ours / s_adam:.2f}x | {1e3 * r['products2_s']:.1f} / "
+            f"{1e3 * r['products3_s']:.1f} | {r['products2_s'] / r['products3_s']:.2f}x | {f_svd:.2f} / {f_rand:.2f} / "
+            f"{f_ref:.2f} | {f_rand / f_svd:.2f}x | {r['projectors_svd_s']:.2f} / {r['projectors_randomized_s']:.2f} | "
+            f"{r['projectors_randomized_s'] / r['projectors_svd_s']:.2f}x | {r['randomized_subspace_error_max']:.2f} | "
+            f"{r['randomized_captured_norm_min']:.3f} / {r['randomized_captured_norm_decaying_min']:.4f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="60m,130m", help=f"comma-separated, from {sorted(SIZES)}")
@@ -251,50 +264,33 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in sizes if s not in SIZES]
     if bad:
         ap.error(f"--sizes {','.join(bad)} not accepted; expected from {sorted(SIZES)}")
+    device = f"device: cpu, {args.threads} threads, torch {torch.__version__}"
     if args.moments:
         rows = [bench_moments(s, args.steps) for s in sizes]
-        print(f"device: cpu, {args.threads} threads, torch {torch.__version__}")
-        print("| model | low-rank matrices | moment numbers | elementwise (ms) | fused (ms) | fused / elementwise |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| llama_{r['size']} | {r['matrices']} | {r['numbers']} | {1e3 * r['elementwise_s']:.2f} | "
-                  f"{1e3 * r['fused_s']:.2f} | {r['fused_s'] / r['elementwise_s']:.2f}x |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
-        return 0
-    if args.batching:
+        columns = ["model", "low-rank matrices", "moment numbers", "elementwise (ms)", "fused (ms)",
+                   "fused / elementwise"]
+        lines = [f"| llama_{r['size']} | {r['matrices']} | {r['numbers']} | {1e3 * r['elementwise_s']:.2f} | "
+                 f"{1e3 * r['fused_s']:.2f} | {r['fused_s'] / r['elementwise_s']:.2f}x |" for r in rows]
+    elif args.batching:
         from fira_dist.algorithm import STACKED_MAX_NUMEL
 
         rows = bench_batching(args.steps)
-        print(f"device: cpu, {args.threads} threads, torch {torch.__version__}; stacked now when m * n <= "
-              f"{STACKED_MAX_NUMEL}")
-        print("| shape | matrices | one by one, 2-D (ms) | stacked (ms) | stacked / one by one |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['shape'][0]}x{r['shape'][1]} | {r['count']} | {1e3 * r['one_by_one_s']:.2f} | "
-                  f"{1e3 * r['batched_s']:.2f} | {r['batched_s'] / r['one_by_one_s']:.2f}x |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
-        return 0
-    rows = [bench_size(s, args.steps, args.threads) for s in sizes]
-    print(f"device: cpu, {args.threads} threads, torch {torch.__version__}")
-    print("| model | matrices | steady: fira_dist / reference / AdamW (ms) | ours/ref | ours/AdamW "
-          "| products only: 2 / 3 per matrix (ms) | floor | refresh step: ours SVD / ours randomized / ref (s) | rand/SVD "
-          "| projectors alone: SVD / randomized (s) | rand/SVD | subspace err (sin max angle) "
-          "| captured ||PG|| vs exact: flat / 1/i spectrum |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        s_ours, s_ref, s_adam = (r[f"steady_{k}_s"] for k in ("fira_dist", "reference", "adamw"))
-        f_svd, f_rand, f_ref = (r[k] for k in ("refresh_fira_dist_svd_s", "refresh_fira_dist_randomized_s",
-                                               "refresh_reference_svd_s"))
-        print(f"| llama_{r['size']} r={r['rank']} | {r['matrices']} | {1e3 * s_ours:.1f} / {1e3 * s_ref:.1f} / "
-              f"{1e3 * s_adam:.1f} | {s_ours / s_ref:.2f}x | {s_ours / s_adam:.2f}x | {1e3 * r['products2_s']:.1f} / "
-              f"{1e3 * r['products3_s']:.1f} | {r['products2_s'] / r['products3_s']:.2f}x | {f_svd:.2f} / {f_rand:.2f} / "
-              f"{f_ref:.2f} | {f_rand / f_svd:.2f}x | {r['projectors_svd_s']:.2f} / {r['projectors_randomized_s']:.2f} | "
-              f"{r['projectors_randomized_s'] / r['projectors_svd_s']:.2f}x | {r['randomized_subspace_error_max']:.2f} | "
-              f"{r['randomized_captured_norm_min']:.3f} / {r['randomized_captured_norm_decaying_min']:.4f} |")
+        device += f"; stacked now when m * n <= {STACKED_MAX_NUMEL}"
+        columns = ["shape", "matrices", "one by one, 2-D (ms)", "stacked (ms)", "stacked / one by one"]
+        lines = [f"| {r['shape'][0]}x{r['shape'][1]} | {r['count']} | {1e3 * r['one_by_one_s']:.2f} | "
+                 f"{1e3 * r['batched_s']:.2f} | {r['batched_s'] / r['one_by_one_s']:.2f}x |" for r in rows]
+    else:
+        rows = [bench_size(s, args.steps, args.threads) for s in sizes]
+        columns = ["model", "matrices", "steady: fira_dist / reference / AdamW (ms)", "ours/ref", "ours/AdamW",
+                   "products only: 2 / 3 per matrix (ms)", "floor",
+                   "refresh step: ours SVD / ours randomized / ref (s)", "rand/SVD",
+                   "projectors alone: SVD / randomized (s)", "rand/SVD", "subspace err (sin max angle)",
+                   "captured ||PG|| vs exact: flat / 1/i spectrum"]
+        lines = [size_line(r) for r in rows]
+    print(device)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
