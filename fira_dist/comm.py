@@ -2,7 +2,8 @@
 
 Byte convention (per rank, payload only): all_reduce counts the tensor's bytes; all_gather_into_tensor
 counts the output's bytes; reduce_scatter_tensor counts the input's bytes; broadcast counts the tensor's
-bytes on every rank; all_to_all_single counts the bytes a rank sends to the other ranks. ``stats()``
+bytes on every rank; all_to_all_single and the point-to-point ``exchange`` count the bytes a rank sends to the
+other ranks. ``stats()``
 reports the last completed step and the running total, so a layout's docstring formula can be checked
 against a measurement.
 """
@@ -87,6 +88,23 @@ class Comm:
         else:
             out.copy_(inp)
         return out
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """Point-to-point, all at once (``batch_isend_irecv``): send each (tensor, group rank) and receive into each
+        (tensor, group rank); returns when all are done. Messages between two ranks match in the order both list
+        them. Tensors must be contiguous; a rank never sends to itself. Counts the bytes this rank sends."""
+        if self.world_size == 1 or not (sends or recvs):
+            return
+        ops = []
+        for t, r in sends:
+            self._count("p2p", t)
+            ops.append(dist.P2POp(dist.isend, t, self.global_rank(r), group=self.group))
+        ops += [dist.P2POp(dist.irecv, t, self.global_rank(r), group=self.group) for t, r in recvs]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+    def global_rank(self, r: int) -> int:
+        return dist.get_global_rank(self.group, r) if self.group is not None else r
 
     def end_step(self) -> None:
         self._last = dict(self._current)

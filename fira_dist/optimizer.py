@@ -64,6 +64,10 @@ class Fira(torch.optim.Optimizer):
             with one warning per parameter name.
         layout: "auto" | "single" | "replicated" | "row_sharded" | a layout object (see fira_dist.layouts).
         process_group: the data-parallel group for distributed layouts (default: the world).
+        comm_bucket_bytes: the most bytes one exchange of the optimizer's step may buffer on a rank (gradient and
+            weight pieces, gathered values, projector refreshes); larger exchanges run in rounds, and a matrix
+            larger than the budget moves alone. None: 256 MiB, or under DeepSpeed its ``reduce_bucket_size`` x
+            the gradient's element size (see fira_dist.layouts.plan).
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class Fira(torch.optim.Optimizer):
         skip_nonfinite: bool = True,
         layout: Any = "auto",
         process_group: Any = None,
+        comm_bucket_bytes: int | None = None,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
@@ -95,6 +100,11 @@ class Fira(torch.optim.Optimizer):
         GroupOptions.from_group(defaults, where="Fira(...)")  # validate the constructor's arguments
         super().__init__(params, defaults)
         self.skip_nonfinite = skip_nonfinite
+        from fira_dist.layouts.plan import DEFAULT_COMM_BUCKET_BYTES, check_comm_bucket_bytes
+
+        self.comm_bucket_bytes_explicit = comm_bucket_bytes is not None
+        self.comm_bucket_bytes = (DEFAULT_COMM_BUCKET_BYTES if comm_bucket_bytes is None else
+                                  check_comm_bucket_bytes(comm_bucket_bytes, "Fira(comm_bucket_bytes)"))
         self._warned: set[str] = set()
         self.global_step = 0  # engine steps taken (one per call of step(), or per step_end() under ZeRO)
         from fira_dist.layouts import make_layout  # late import: layouts import this module

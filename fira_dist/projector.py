@@ -14,6 +14,11 @@ import torch
 from fira_dist.config import ProjectorKind
 
 
+# The randomized range finder's settings (compute_projector's defaults; layouts.sketch uses the same).
+OVERSAMPLE = 8
+POWER_ITERS = 1
+
+
 class ProjectorError(RuntimeError):
     """The projector could not be computed (non-finite input, or the SVD did not converge twice)."""
 
@@ -49,7 +54,8 @@ def _svd_projector(G: torch.Tensor, k: int, side: str) -> torch.Tensor:
 
 
 def _randomized_projector(
-    G: torch.Tensor, k: int, side: str, oversample: int, power_iters: int, generator: torch.Generator | None
+    G: torch.Tensor, k: int, side: str, oversample: int, power_iters: int, generator: torch.Generator | None,
+    sign_seed: int | None = None,
 ) -> torch.Tensor:
     """Halko-Martinsson-Tropp range finder with power iterations, then the top-k directions of the sketch.
 
@@ -68,15 +74,30 @@ def _randomized_projector(
     omega = torch.randn(b, ell, device=A.device, dtype=A.dtype, generator=generator)  # (b, ell)
     Y = A @ omega  # (a, ell)
     for _ in range(power_iters):
-        Y = A @ (A.T @ _orthonormalize_cheaply(Y))
+        Y = A @ (A.T @ orthonormalize_cheaply(Y))
     Qb, _ = torch.linalg.qr(Y)  # (a, ell)
     B = Qb.T @ A  # (ell, b)
     _, W = torch.linalg.eigh(B @ B.T)  # ascending eigenvalues (ell,), eigenvectors (ell, ell)
     U = Qb @ W[:, -k:].flip(-1)  # (a, k), largest first as the SVD orders them
+    if sign_seed is not None:
+        fix_signs_(U, sign_seed)
     return U if side == "left" else U.T.contiguous()
 
 
-def _orthonormalize_cheaply(Y: torch.Tensor) -> torch.Tensor:
+def fix_signs_(U: torch.Tensor, seed: int) -> torch.Tensor:
+    """Flip columns of U (a, k) in place so that each has a non-negative inner product with one fixed random
+    vector g (a,) drawn from ``seed``. An eigensolver returns each direction with an arbitrary sign, which differs
+    between two computations that differ by rounding (one process and a distributed sketch) and between refreshes;
+    with the sign tied to g, equal subspaces give equal projectors, and the moments (kept across a refresh, in the
+    projector's coordinates) keep their meaning when the top directions do not move."""
+    gen = torch.Generator(device=U.device).manual_seed(seed)
+    g = torch.randn(U.shape[0], generator=gen, device=U.device, dtype=torch.float32).to(U.dtype)
+    s = torch.sign(g @ U)
+    U.mul_(torch.where(s == 0, torch.ones_like(s), s))
+    return U
+
+
+def orthonormalize_cheaply(Y: torch.Tensor) -> torch.Tensor:
     """Y (a, ell) with orthonormal-ish columns spanning the same space: Cholesky QR (a few times cheaper than
     Householder QR). Enough between power iterations, where only the span matters; falls back to Householder
     QR if the Gram matrix is numerically singular."""
@@ -92,20 +113,22 @@ def compute_projector(
     side: str,
     kind: ProjectorKind = ProjectorKind.SVD,
     *,
-    oversample: int = 8,
-    power_iters: int = 1,
+    oversample: int = OVERSAMPLE,
+    power_iters: int = POWER_ITERS,
     generator: torch.Generator | None = None,
+    sign_seed: int | None = None,
 ) -> torch.Tensor:
     """The projector for gradient G (m, n), in fp32: (k, n) for side 'right', (m, k) for 'left'.
 
-    Raises ProjectorError if G is not finite, or if the SVD fails in fp32 and again in fp64.
+    Randomized: ``generator`` draws the test matrix, ``sign_seed`` fixes the directions' signs (fix_signs_). Raises
+    ProjectorError if G is not finite, or if the SVD fails in fp32 and again in fp64.
     """
     Gf = G.float()
     if not bool(torch.isfinite(Gf.sum())):  # one pass: a NaN/Inf entry (or a sum past 3e38) makes it non-finite
         raise ProjectorError("gradient has NaN/Inf entries")
     k = effective_rank(G.shape, rank)
     if kind == ProjectorKind.RANDOMIZED and k < min(G.shape):
-        return _randomized_projector(Gf, k, side, oversample, power_iters, generator)
+        return _randomized_projector(Gf, k, side, oversample, power_iters, generator, sign_seed)
     try:
         return _svd_projector(Gf, k, side)
     except RuntimeError:  # torch.linalg.LinAlgError: did not converge

@@ -1,38 +1,37 @@
-"""DeepSpeed layouts: ZeRO-1/2/3 flat partitions, and ZeRO-0 (replicated gradients), owner-computes.
+"""DeepSpeed layouts: ZeRO-1/2 and ZeRO-3 flat partitions, and ZeRO-0 (replicated gradients).
 
 Under ZeRO-1/2 (and DeepSpeed's BF16_Optimizer: bf16 + ZeRO-1 + fp32 gradient accumulation) the client
 optimizer sees ONE flat fp32 tensor per param group, holding this rank's contiguous slice of the group's
 parameters laid end to end; under ZeRO-3 one flat tensor per sub-group, holding this rank's slice of EACH
-parameter in it. Partition boundaries fall in the
-middle of rows, so Fira's per-matrix math cannot run on what a rank holds. This layout:
+parameter in it. ``bind`` reads the partition tables of DeepSpeed's optimizer wrapper, so every rank knows
+which element ranges every rank holds (``plan.zero12_pieces``, ZeRO-3's ceil(numel / W) ranges); nothing here
+communicates to build a plan. DeepSpeed calls ``step()`` once per flat tensor; each call:
 
-1. reads the partition tables of DeepSpeed's optimizer wrapper (offsets, partition sizes), so every rank
-   knows, for every parameter, which element ranges every rank holds (no communication);
-2. gives each low-rank matrix one owner (greedy LPT on optimizer-state size, with the ranks' elementwise
-   Adam state as the starting loads, so max state per rank <= total / W + the largest matrix's state);
-3. per step() call (DeepSpeed makes one per group or sub-group): ONE all_to_all sends each matrix's
-   gradient and fp32 master-weight pieces to its owner, the owner rebuilds the whole (m, n) gradient and
-   weight and runs ``single.whole_matrix_step_`` (the same code, on the same numbers, as one process), and
-   ONE all_to_all sends the updated weight pieces back into each holder's flat partition;
-4. gives non-matrix parameters (and parameters of groups without ``rank``) elementwise Adam on the piece
-   each rank holds (bitwise what one process computes on the whole tensor).
+- Non-matrix parameters (and parameters of groups without ``rank``): elementwise Adam on the piece each rank
+  holds (bitwise what one process computes on the whole tensor).
+- ZeRO-1/2, locality first (``plan.zero12_plan``): a matrix that lies inside one rank's partition is updated by
+  that rank, in place in its flat partition, by the single-process code (``single.whole_matrix_step_``): no
+  communication, bitwise equal to one process; its projector, moments and limiter norm live there. A matrix
+  that straddles a partition boundary is owned by its largest holder: the other holders send it their gradient
+  and fp32 weight pieces point to point, straight from their flat partitions, the owner rebuilds the matrix,
+  steps it and sends the updated pieces straight back into the holders' partitions, in rounds that keep each
+  owner's rebuilt buffers (8 bytes per element) within ``comm_bucket_bytes`` (a larger matrix alone).
+- ZeRO-3: every matrix is cut over all ranks; Fira runs on the slices where they lie (``layouts.sliced``): only
+  low-rank tensors, per-row scales and projector pieces move, in chunks bounded by the budget; refresh steps
+  gather a due gradient to its SVD owner in bounded rounds (exact) or sketch it in place (randomized).
+- Before that, one all-reduce of one int32 per parameter (NaN/Inf anywhere, so every rank skips the same ones;
+  the squared row norms of a local Fira matrix, which its step needs anyway, serve as its check).
 
-Bytes per step() call (fp32): a rank sends 8 bytes (gradient + weight) per element it holds of matrices that
-other ranks own, and 4 bytes (updated weight) per element of its own matrices that other ranks hold; with
-matrices spread evenly that is about 12 x (W-1)/W x (the group's matrix elements / W) per rank, plus one
-all_reduce of one int32 per parameter (the non-finite check, so that every rank skips the same parameters).
+Bytes per step() call, per rank (``expected_comm_bytes``; fp32): 4 x parameters (the flags) plus, ZeRO-1/2,
+``plan.zero12_comm_bytes`` (8 per element held of a straddler owned elsewhere, 4 per element of an owned
+straddler held elsewhere; matrices inside one partition 0), ZeRO-3 the sliced layout's formula
+(``plan.sliced_chunk_comm_bytes`` per chunk, plus the refresh's).
 
 Under ZeRO-0 (the engine all-reduces whole gradients; with bf16 DeepSpeed hands over fp32 copies of each
-parameter) the same owner map covers every parameter, Adam ones included: each owner updates its tensors
-and one all_gather of the owners' updated values brings every rank up to date.
+parameter) a greedy LPT owner map covers every parameter, Adam ones included: each owner updates its tensors and
+the owners' values reach every rank in bounded all-gather rounds (``replicated.share_owned_values``).
 
-State. Partitioned: ``opt.state[flat] = {"fira_units": {param name: state}, "fira_layout": {...}}`` where a
-matrix's state (projector, exp_avg, exp_avg_sq, limiter_norm, step) is on its owner only and an Adam
-parameter's state covers the piece this rank holds. DeepSpeed saves each rank's ``optimizer.state_dict()``
-in its own ``zero_pp_rank_*`` file, so checkpoints carry it as is. Replicated: ``opt.state[param]`` as
-the single-process layout, on the owner only; ``state_dict()`` gathers every rank's part (a collective:
-DeepSpeed calls it on every rank) because DeepSpeed writes ZeRO-0 optimizer state from rank 0 alone, and
-after ``load_state_dict`` each rank drops what it does not own.
+State: see ``flat_state.py`` (per-unit state inside the flat tensor's entry, checkpoints, older layouts).
 """
 
 from __future__ import annotations
@@ -44,26 +43,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fira_dist.algorithm import adam_update_
+from fira_dist.algorithm import LowRankState, adam_update_, gradient_norms_sq, uses_gradient_norms
 from fira_dist.comm import Comm
 from fira_dist.config import GroupOptions
-from fira_dist.layouts.owners import assign_owners, lowrank_state_numel
-from fira_dist.layouts.single import SingleProcess, step_tasks_, whole_matrix_step_
+from fira_dist.layouts import plan as P
+from fira_dist.layouts.flat_state import META, UNITS, FlatState
+from fira_dist.layouts.replicated import share_owned_values
+from fira_dist.layouts.single import step_tasks_, whole_matrix_step_
+from fira_dist.layouts.sketch import refresh_randomized
+from fira_dist.layouts.sliced import SlicedMatrix, Work, check_supported, refresh_exact, step_chunk, uses_sketch
 from fira_dist.optimizer import Task
-from fira_dist.projector import lowrank_shape, projector_shape, side_for
+from fira_dist.projector import OVERSAMPLE, POWER_ITERS, effective_rank, side_for
 
-UNITS = "fira_units"
-META = "fira_layout"
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    """Elements [start, start + length) of a parameter's flattened tensor, at ``offset`` in ``rank``'s flat."""
-
-    rank: int
-    start: int
-    length: int
-    offset: int
+Piece = P.Piece
 
 
 @dataclasses.dataclass
@@ -76,7 +68,9 @@ class Unit:
     pieces: list[Piece]  # partitioned: disjoint, covering [0, numel); replicated: empty
     low_rank: bool = False
     side: str = ""
-    owner: int = -1  # matrices (and, replicated, every unit); -1: elementwise on pieces
+    owner: int = -1  # ZeRO-1/2 matrices, ZeRO-0 every unit: the rank that updates it; ZeRO-3: the SVD owner
+    straddles: bool = False  # ZeRO-1/2: a matrix held by more than one rank
+    mat: SlicedMatrix | None = None  # ZeRO-3 matrices
 
     @property
     def numel(self) -> int:
@@ -96,23 +90,11 @@ class Bucket:
     index: int
     flat: torch.Tensor  # this rank's fp32 flat partition
     units: list[Unit]
-    # Static exchange plan for the matrices (filled by _plan): see FlatPartition._exchange.
-    send: list[list[tuple[int, Piece]]] = dataclasses.field(default_factory=list)  # to owner d: my pieces
-    recv: list[list[tuple[int, Piece]]] = dataclasses.field(default_factory=list)  # from holder s: its pieces
-    any_remote: bool = False
+    rounds: tuple[tuple[int, ...], ...] = ()  # ZeRO-1/2: unit indices of the straddlers per exchange round
+    zplan: P.Zero12Plan | None = None  # ZeRO-1/2: the plan over the bucket's matrices (in unit order)
 
 
-def _pieces_contiguous(start_of_rank, numel: int, world: int, offset_of_rank) -> list[Piece]:
-    out = []
-    for q in range(world):
-        lo, hi = start_of_rank(q)
-        lo, hi = max(lo, 0), min(hi, numel)
-        if hi > lo:
-            out.append(Piece(q, lo, hi - lo, offset_of_rank(q, lo)))
-    return out
-
-
-class FlatPartition:
+class FlatPartition(FlatState):
     """The DeepSpeed layout. Built unbound (``Fira(..., layout=FlatPartition)``); ``bind(engine)`` reads
     DeepSpeed's partition tables once the engine has wrapped the optimizer (``fira_dist.deepspeed`` does it)."""
 
@@ -121,15 +103,17 @@ class FlatPartition:
         self.mode: str | None = None  # "partitioned" | "replicated"
         self.stage: int | None = None
         self.comm = Comm(None) if not dist.is_initialized() else Comm(process_group)
+        self.checkpoint_comm = self.comm
         self.engine_step = 0
         self.buckets: dict[int, Bucket] = {}  # id(flat) -> bucket
         self.units: dict[int, Unit] = {}  # replicated: id(param) -> unit
-        self.names: dict[int, str] = {}
         self._round: set[int] = set()
         self._checked: set[int] = set()
         self.skipped: dict[str, int] = {}
         self._gather_hook = None
         self._just_loaded = False
+        self.svd_count = 0
+        self.sketch_count = 0
 
     # ------------------------------------------------------------------ binding
     def bind(self, engine: Any) -> "FlatPartition":
@@ -140,6 +124,9 @@ class FlatPartition:
         wrapper = engine.optimizer
         names = {id(p): n for p, n in engine.param_names.items()}
         self.stage = int(engine.zero_optimization_stage())
+        if not self.opt.comm_bucket_bytes_explicit:  # DeepSpeed's own reduce bucket, in the gradients' dtype
+            itemsize = 2 if (engine.bfloat16_enabled() or engine.fp16_enabled()) else 4
+            self.opt.comm_bucket_bytes = int(engine.zero_reduce_bucket_size()) * itemsize
         if isinstance(wrapper, DeepSpeedZeroOptimizer):
             groups = {id(g) for g in wrapper.real_dp_process_group}
             if len(groups) != 1:
@@ -161,13 +148,8 @@ class FlatPartition:
         else:
             raise TypeError(f"fira: DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, which fira_dist does not "
                             "know how to read; supported: ZeRO stages 0-3 (fp32, bf16), BF16_Optimizer")
+        self.checkpoint_comm = Comm(self.comm.group)
         return self
-
-    def _group_of(self, flat: torch.Tensor, param_groups: list[dict[str, Any]]) -> int:
-        for gi, g in enumerate(param_groups):
-            if any(p is flat for p in g["params"]):
-                return gi
-        raise AssertionError("flat partition not found in the optimizer's param groups")
 
     def _make_unit(self, name: str, shape: tuple[int, ...], gi: int, pieces: list[Piece]) -> Unit:
         o = self.opt.group_options(gi)
@@ -179,92 +161,68 @@ class FlatPartition:
         return Unit(name, tuple(int(s) for s in shape), gi, pieces, low, side)
 
     def _bind_zero12(self, z: Any, names: dict[int, str]) -> None:
-        W, r = self.comm.world_size, self.comm.rank
+        W = self.comm.world_size
         for i, params in enumerate(z.round_robin_bit16_groups):
-            flat = z.single_partition_of_fp32_groups[i]
             ps = int(z.partition_size[i])
-            gi = i  # DeepSpeed keeps the optimizer's group order
             units = []
             for j, (p, off) in enumerate(zip(params, z.round_robin_bit16_offsets[i])):
                 shape = tuple(z.round_robin_bit16_meta[i][j].shape)
-                n = math.prod(shape)
-                pieces = _pieces_contiguous(lambda q: (q * ps - off, (q + 1) * ps - off), n, W,
-                                            lambda q, lo: off + lo - q * ps)
-                units.append(self._make_unit(names.get(id(p), f"group {i} param {j}"), shape, gi, pieces))
-            self._add_bucket(i, flat, units)
-        self._finish_partitioned()
+                pieces = P.contiguous_pieces(int(off), math.prod(shape), ps, W)
+                units.append(self._make_unit(names.get(id(p), f"group {i} param {j}"), shape, i, pieces))
+            self._add_bucket(i, z.single_partition_of_fp32_groups[i], units)  # DeepSpeed keeps the group order
 
     def _bind_bf16(self, z: Any, names: dict[int, str]) -> None:
         W = self.comm.world_size
         for i, params in enumerate(z.bf16_groups):
-            flat = z.fp32_groups_flat_partition[i]
             ps = z.bf16_groups_flat[i].numel() // W
             units, off = [], 0
             for j, p in enumerate(params):
-                shape, n = tuple(p.shape), p.numel()
-                pieces = _pieces_contiguous(lambda q, off=off: (q * ps - off, (q + 1) * ps - off), n, W,
-                                            lambda q, lo, off=off: off + lo - q * ps)
-                units.append(self._make_unit(names.get(id(p), f"group {i} param {j}"), shape, i, pieces))
-                off += n
-            self._add_bucket(i, flat, units)
-        self._finish_partitioned()
+                pieces = P.contiguous_pieces(off, p.numel(), ps, W)
+                units.append(self._make_unit(names.get(id(p), f"group {i} param {j}"), tuple(p.shape), i, pieces))
+                off += p.numel()
+            self._add_bucket(i, z.fp32_groups_flat_partition[i], units)
 
     def _bind_zero3(self, z: Any, names: dict[int, str]) -> None:
-        W = self.comm.world_size
+        W, me = self.comm.world_size, self.comm.rank
         for s, params in enumerate(z.fp16_groups):
             flat = z.fp32_partitioned_groups_flat[s]
             gi = int(z.sub_group_to_group_id[s])
             units, base = [], 0
             for j, p in enumerate(params):
-                pn = int(p.partition_numel())
-                shape = tuple(p.ds_shape)
-                n = int(p.ds_numel)
-                pieces = _pieces_contiguous(lambda q, pn=pn: (q * pn, (q + 1) * pn), n, W,
-                                            lambda q, lo, pn=pn, base=base: base + lo - q * pn)
-                units.append(self._make_unit(names.get(id(p), f"sub-group {s} param {j}"), shape, gi, pieces))
+                pn, n = int(p.partition_numel()), int(p.ds_numel)
+                ranges = [(min(q * pn, n), min((q + 1) * pn, n)) for q in range(W)]
+                pieces = [Piece(q, lo, hi - lo, base + (lo - q * pn if q == me else 0)) for q, (lo, hi) in
+                          enumerate(ranges) if hi > lo]
+                u = self._make_unit(names.get(id(p), f"sub-group {s} param {j}"), tuple(p.ds_shape), gi, pieces)
+                if u.low_rank:
+                    o = self.opt.group_options(gi)
+                    check_supported(u.name, o, u.side, u.shape, "ZeRO-3")
+                    shape = P.SliceShape(u.shape, effective_rank(u.shape, o.rank), u.side,
+                                         o.algorithm.value == "fira", tuple(ranges))
+                    u.mat = SlicedMatrix(u.name, o, shape, -1, me)
+                units.append(u)
                 base += pn
             if flat.numel() != base:
                 raise AssertionError(f"ZeRO-3 sub-group {s}: flat partition has {flat.numel()} elements, expected {base}")
             self._add_bucket(s, flat, units)
-        self._finish_partitioned()
 
     def _add_bucket(self, index: int, flat: torch.Tensor, units: list[Unit]) -> None:
         self.buckets[id(flat)] = Bucket(index, flat, units)
-
-    def _finish_partitioned(self) -> None:
-        """Owner map (LPT on state elements, Adam pieces as initial loads) and the static exchange plans."""
         self.mode = "partitioned"
-        W, me = self.comm.world_size, self.comm.rank
-        loads = [0.0] * W
-        matrices: list[Unit] = []
-        for b in self.buckets.values():
-            for u in b.units:
-                if u.low_rank:
-                    matrices.append(u)
-                else:
-                    for pc in u.pieces:
-                        loads[pc.rank] += 2 * pc.length + 1
-        costs = [self._matrix_cost(u) for u in matrices]
-        for u, o in zip(matrices, assign_owners(costs, W, initial_loads=loads)):
-            u.owner = o
-        for b in self.buckets.values():
-            b.send = [[] for _ in range(W)]
-            b.recv = [[] for _ in range(W)]
-            for k, u in enumerate(b.units):
-                if not u.low_rank:
-                    continue
-                for pc in u.pieces:
-                    if pc.rank == u.owner or pc.length == 0:
-                        continue
-                    b.any_remote = True
-                    if pc.rank == me:
-                        b.send[u.owner].append((k, pc))
-                    if u.owner == me:
-                        b.recv[pc.rank].append((k, pc))
-
-    def _matrix_cost(self, u: Unit) -> int:
-        o = self.opt.group_options(u.group)
-        return lowrank_state_numel(u.shape, o.rank, u.side) + 1  # + step
+        if self.stage == 3:  # SVD owners: greedy LPT on m n min(m, n) over every matrix bound so far
+            mats = [u for b in self.buckets.values() for u in b.units if u.mat is not None]
+            for u, o in zip(mats, P.assign_owners([P.svd_cost(u.shape) for u in mats], self.comm.world_size)):
+                u.owner = u.mat.owner = o
+            return
+        b = self.buckets[id(flat)]
+        mats = [k for k, u in enumerate(units) if u.low_rank]
+        zplan = P.zero12_plan([units[k].pieces for k in mats], self.opt.comm_bucket_bytes)
+        for k, o in zip(mats, zplan.owners):
+            units[k].owner = o
+        for j in zplan.straddlers:
+            units[mats[j]].straddles = True
+        b.rounds = tuple(tuple(mats[j] for j in rnd) for rnd in zplan.rounds)
+        b.zplan = zplan
 
     def _bind_replicated(self, wrapper: Any, names: dict[int, str]) -> None:
         """ZeRO-0: whole tensors on every rank; every tensor (matrix or not) gets one owner."""
@@ -280,8 +238,9 @@ class FlatPartition:
                                     gi, [])
                 self.units[id(p)] = u
                 units.append(u)
-                costs.append(self._matrix_cost(u) if u.low_rank else 2 * u.numel + 1)
-        for u, o in zip(units, assign_owners(costs, self.comm.world_size)):
+                o = self.opt.group_options(gi)
+                costs.append(P.lowrank_state_numel(u.shape, o.rank, u.side) + 1 if u.low_rank else 2 * u.numel + 1)
+        for u, o in zip(units, P.assign_owners(costs, self.comm.world_size)):
             u.owner = o
         if self._gather_hook is None:
             self._gather_hook = self.opt.register_state_dict_post_hook(self._gather_state_dict)
@@ -290,11 +249,6 @@ class FlatPartition:
     def logical_shape(self, p: torch.Tensor) -> tuple[int, ...]:
         u = self.units.get(id(p))
         return u.shape if u is not None else tuple(p.shape)
-
-    def expected_state_shapes(self) -> dict[torch.Tensor, dict[str, tuple[int, ...]]]:
-        if self.mode == "replicated":
-            return SingleProcess(self.opt).expected_state_shapes()
-        return {}  # partitioned: nested per-unit state, checked at the first step after loading (_check_loaded)
 
     def tasks(self) -> list[Task]:
         if self.mode is None:
@@ -335,7 +289,10 @@ class FlatPartition:
         for t in tasks:
             b = self.buckets[id(t.param)]
             self._check_loaded(b, t.opts)
-            self._step_bucket(b, t)
+            if self.stage == 3:
+                self._step_zero3(b, t)
+            else:
+                self._step_zero12(b, t)
             self._round.add(id(t.param))
         if len(self._round) == len(self.buckets):  # every group / sub-group stepped: one engine step done
             self._round.clear()
@@ -346,174 +303,161 @@ class FlatPartition:
                     self.opt.state[b.flat][META]["engine_step"] = self.engine_step
 
     def comm_stats(self) -> dict[str, Any]:
-        return self.comm.stats()
+        return {**self.comm.stats(), "checkpoint_bytes": self.checkpoint_comm.total_bytes}
 
     # ------------------------------------------------------------------ partitioned step
-    def _bucket_state(self, b: Bucket) -> dict[str, dict[str, Any]]:
-        st = self.opt.state[b.flat]
-        if UNITS not in st:
-            st[UNITS] = {}
-            st[META] = self._meta()
-        return st[UNITS]
+    def _is_local(self, u: Unit) -> bool:
+        """A ZeRO-1/2 matrix inside this rank's partition: updated here, in place."""
+        return u.low_rank and self.stage != 3 and not u.straddles and u.owner == self.comm.rank
 
-    def _meta(self) -> dict[str, Any]:
-        return {"world_size": self.comm.world_size, "rank": self.comm.rank, "zero_stage": self.stage}
-
-    def _unit_state(self, states: dict, u: Unit, o: GroupOptions, dev: torch.device, numel: int) -> dict[str, Any]:
-        st = states.get(u.name)
-        if st is None:
-            dt = self.opt.state_dtype(o, torch.float32)
-            st = {"step": torch.tensor(0.0)}
-            if u.low_rank:
-                st["projector"] = torch.zeros(projector_shape(u.shape, o.rank, u.side), dtype=dt, device=dev)
-                st["exp_avg"] = torch.zeros(lowrank_shape(u.shape, o.rank, u.side), dtype=dt, device=dev)
-                st["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=dev)
-            else:
-                st["exp_avg"] = torch.zeros(numel, dtype=dt, device=dev)
-            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-            states[u.name] = st
-        return st
-
-    def _nonfinite(self, b: Bucket, grad: torch.Tensor) -> list[bool]:
-        """Per unit: does its gradient have NaN/Inf anywhere (on any rank)? One all_reduce of ints."""
+    def _flags(self, b: Bucket, grad: torch.Tensor, o: GroupOptions) -> tuple[list[bool], dict[int, torch.Tensor]]:
+        """Per unit: does its gradient have NaN/Inf anywhere (on any rank)? One host sync and one all_reduce of
+        int32s. Also returns, for local Fira matrices, the per-row/column ||G||^2 their step needs (computed as
+        one process does, it doubles as their check)."""
         if not self.opt.skip_nonfinite:
-            return [False] * len(b.units)
-        bad = ~torch.isfinite(grad)
+            return [False] * len(b.units), {}
         me = self.comm.rank
-        flags = torch.zeros(len(b.units), dtype=torch.int32)
+        known: dict[int, torch.Tensor] = {}
+        probe_idx, views = [], []
         for k, u in enumerate(b.units):
             pc = u.piece_of(me)
-            if pc is not None and bool(bad[pc.offset:pc.offset + pc.length].any()):
-                flags[k] = 1
+            if pc is None:
+                continue
+            view = grad[pc.offset:pc.offset + pc.length]
+            if self._is_local(u) and uses_gradient_norms(o, u.side, u.shape):
+                known[k] = gradient_norms_sq(view.view(u.shape), u.side, self.opt.state_dtype(o, grad.dtype))
+            else:
+                probe_idx.append(k)
+                views.append(view)
+        sums = dict(zip(probe_idx, torch._foreach_norm(views) if views else []))
+        sums.update({k: g.sum() for k, g in known.items()})
+        order = sorted(sums)
+        flags = torch.zeros(len(b.units), dtype=torch.int32)
+        if order:
+            finite = torch.isfinite(torch.stack([sums[k].float().cpu() for k in order])).tolist()
+            for k, ok in zip(order, finite):
+                flags[k] = int(not ok)
         self.comm.all_reduce(flags)
-        return [bool(f) for f in flags.tolist()]
+        return [bool(f) for f in flags.tolist()], known
 
     def _note_nonfinite(self, name: str) -> None:
         self.skipped[name] = self.skipped.get(name, 0) + 1
         self.opt.warn_once(f"nf:{name}", f"gradient of {name} has NaN/Inf: its update is skipped (state untouched) "
                            f"at step {self.engine_step}; warning once")
 
-    def _step_bucket(self, b: Bucket, task: Task) -> None:
-        flat, grad, o = b.flat, task.grad, task.opts
+    def _adam_pieces(self, b: Bucket, o: GroupOptions, grad: torch.Tensor, bad: list[bool], states: dict) -> None:
         me = self.comm.rank
-        states = self._bucket_state(b)
-        bad = self._nonfinite(b, grad)
-        # 1. elementwise Adam on the pieces this rank holds
         for k, u in enumerate(b.units):
-            if u.low_rank:
-                continue
             pc = u.piece_of(me)
-            if pc is None:
+            if u.low_rank or pc is None:
                 continue
             if bad[k]:
                 self._note_nonfinite(u.name)
                 continue
-            st = self._unit_state(states, u, o, flat.device, pc.length)
+            st = self._unit_state(states, u, o, b.flat.device, pc.length)
             st["step"] += 1
             sl = slice(pc.offset, pc.offset + pc.length)
-            adam_update_(flat[sl], grad[sl], st["exp_avg"], st["exp_avg_sq"], o, int(st["step"]))
-        # 2. matrices: pieces to owners, whole-matrix step there, updated pieces back
-        self._exchange(b, o, flat, grad, bad, states)
+            adam_update_(b.flat[sl], grad[sl], st["exp_avg"], st["exp_avg_sq"], o, int(st["step"]))
 
-    def _exchange(self, b: Bucket, o: GroupOptions, flat: torch.Tensor, grad: torch.Tensor, bad: list[bool],
-                  states: dict) -> None:
-        W, me = self.comm.world_size, self.comm.rank
-        dev, dt = flat.device, flat.dtype
-        owned = [k for k, u in enumerate(b.units) if u.low_rank and u.owner == me]
-        if not b.any_remote and not owned:
-            return
-        # Gradient and weight pieces to the owners: [g, w] per piece, destinations in rank order.
-        G: dict[int, torch.Tensor] = {}
-        P: dict[int, torch.Tensor] = {}
-        for k in owned:
-            u = b.units[k]
-            G[k] = torch.empty(u.numel, dtype=dt, device=dev)
-            P[k] = torch.empty(u.numel, dtype=dt, device=dev)
-            pc = u.piece_of(me)
-            if pc is not None:
-                G[k][pc.start:pc.start + pc.length] = grad[pc.offset:pc.offset + pc.length]
-                P[k][pc.start:pc.start + pc.length] = flat[pc.offset:pc.offset + pc.length]
-        if b.any_remote:
-            in_splits = [2 * sum(pc.length for _, pc in b.send[d]) for d in range(W)]
-            out_splits = [2 * sum(pc.length for _, pc in b.recv[s]) for s in range(W)]
-            parts = []
-            for d in range(W):
-                for _, pc in b.send[d]:
-                    parts += [grad[pc.offset:pc.offset + pc.length], flat[pc.offset:pc.offset + pc.length]]
-            send = torch.cat(parts) if parts else torch.empty(0, dtype=dt, device=dev)
-            recv = torch.empty(sum(out_splits), dtype=dt, device=dev)
-            self.comm.all_to_all_single(recv, send, out_splits, in_splits)
-            pos = 0
-            for s in range(W):
-                for k, pc in b.recv[s]:
-                    G[k][pc.start:pc.start + pc.length] = recv[pos:pos + pc.length]
-                    P[k][pc.start:pc.start + pc.length] = recv[pos + pc.length:pos + 2 * pc.length]
-                    pos += 2 * pc.length
-        # The whole-matrix step on the owner: the same function, on the same numbers, as one process.
-        for k in owned:
-            u = b.units[k]
+    def _step_zero12(self, b: Bucket, task: Task) -> None:
+        flat, grad, o = b.flat, task.grad, task.opts
+        states = self._bucket_state(b)
+        bad, g_sqs = self._flags(b, grad, o)
+        self._adam_pieces(b, o, grad, bad, states)
+        for k, u in enumerate(b.units):  # matrices inside this rank's partition: in place, as one process
+            if not self._is_local(u):
+                continue
             if bad[k]:
                 self._note_nonfinite(u.name)
                 continue
-            st = self._unit_state(states, u, o, dev, 0)
-            g2, p2 = G[k].view(u.shape), P[k].view(u.shape)
-            whole_matrix_step_(self.opt, Task(p2, g2, o, u.name, u.shape), st, g2, p2)
-            pc = u.piece_of(me)
-            if pc is not None:
-                flat[pc.offset:pc.offset + pc.length] = P[k][pc.start:pc.start + pc.length]
-        if b.any_remote:
-            # Updated weight pieces back to their holders (the reverse plan).
-            parts = [P[k][pc.start:pc.start + pc.length] for s in range(W) for k, pc in b.recv[s]]
-            send = torch.cat(parts) if parts else torch.empty(0, dtype=dt, device=dev)
-            in_splits = [sum(pc.length for _, pc in b.recv[s]) for s in range(W)]
-            out_splits = [sum(pc.length for _, pc in b.send[d]) for d in range(W)]
-            recv = torch.empty(sum(out_splits), dtype=dt, device=dev)
-            self.comm.all_to_all_single(recv, send, out_splits, in_splits)
-            pos = 0
-            for d in range(W):
-                for _, pc in b.send[d]:
-                    flat[pc.offset:pc.offset + pc.length] = recv[pos:pos + pc.length]
-                    pos += pc.length
+            pc = u.piece_of(self.comm.rank)
+            G, T = grad[pc.offset:pc.offset + pc.length].view(u.shape), flat[pc.offset:pc.offset + pc.length].view(u.shape)
+            whole_matrix_step_(self.opt, Task(T, G, o, u.name, u.shape), self._unit_state(states, u, o, flat.device, 0),
+                               G, T, g_sqs.get(k))
+        for rnd in b.rounds:
+            self._exchange_round(b, o, [k for k in rnd if not bad[k]], states)
+        for k in (k for rnd in b.rounds for k in rnd if bad[k] and b.units[k].owner == self.comm.rank):
+            self._note_nonfinite(b.units[k].name)
 
-    def _check_loaded(self, b: Bucket, o: GroupOptions) -> None:
-        """Once per bucket: state that came from a checkpoint must fit this owner map and these partitions."""
-        if id(b.flat) in self._checked:
-            return
-        self._checked.add(id(b.flat))
-        st = self.opt.state.get(b.flat)
-        if not st:
-            return
-        extra = set(st) - {UNITS, META}
-        if extra or UNITS not in st:
-            raise ValueError(f"fira: optimizer state of ZeRO flat partition {b.index} has keys {sorted(st)}; expected "
-                             f"{UNITS!r} and {META!r} (a checkpoint of another optimizer?)")
-        meta = dict(st.get(META, {}))
-        saved_step = meta.pop("engine_step", None)
-        if meta != self._meta():
-            raise ValueError(f"fira: the checkpoint's optimizer state was written with {meta}, this run is "
-                             f"{self._meta()}; Fira state under ZeRO can only be loaded at the same data-parallel world "
-                             "size and ZeRO stage (load with load_optimizer_states=False to keep the weights only)")
-        if saved_step is not None and not self._round:
-            self.engine_step = int(saved_step)  # resume the engine-step count with the state
+    def _exchange_round(self, b: Bucket, o: GroupOptions, ks: list[int], states: dict) -> None:
+        """Straddlers of one round: holders' gradient and weight pieces to the owner (point to point, straight from
+        the flat partitions), the owner's whole-matrix step, the updated pieces straight back."""
+        me, flat, grad = self.comm.rank, b.flat, b.flat.grad
+        sends, recvs, rebuilt = [], [], {}
+        for k in ks:
+            u = b.units[k]
+            if u.owner == me:
+                G = torch.empty(u.numel, dtype=flat.dtype, device=flat.device)
+                T = torch.empty_like(G)
+                for pc in u.pieces:
+                    if pc.rank == me:
+                        G[pc.start:pc.start + pc.length].copy_(grad[pc.offset:pc.offset + pc.length])
+                        T[pc.start:pc.start + pc.length].copy_(flat[pc.offset:pc.offset + pc.length])
+                    else:
+                        recvs += [(G[pc.start:pc.start + pc.length], pc.rank), (T[pc.start:pc.start + pc.length], pc.rank)]
+                rebuilt[k] = (G, T)
+            elif (pc := u.piece_of(me)) is not None:
+                sends += [(grad[pc.offset:pc.offset + pc.length], u.owner), (flat[pc.offset:pc.offset + pc.length], u.owner)]
+        self.comm.exchange(sends, recvs)
+        sends, recvs = [], []
+        for k in ks:
+            u = b.units[k]
+            if u.owner == me:
+                G, T = rebuilt.pop(k)
+                g2, t2 = G.view(u.shape), T.view(u.shape)
+                whole_matrix_step_(self.opt, Task(t2, g2, o, u.name, u.shape), self._unit_state(states, u, o, flat.device, 0),
+                                   g2, t2)
+                for pc in u.pieces:
+                    if pc.rank == me:
+                        flat[pc.offset:pc.offset + pc.length].copy_(T[pc.start:pc.start + pc.length])
+                    else:
+                        sends.append((T[pc.start:pc.start + pc.length], pc.rank))
+            elif (pc := u.piece_of(me)) is not None:
+                recvs.append((flat[pc.offset:pc.offset + pc.length], u.owner))
+        self.comm.exchange(sends, recvs)
+
+    def _step_zero3(self, b: Bucket, task: Task) -> None:
+        grad, o = task.grad, task.opts
         me = self.comm.rank
-        want = {}
-        for u in b.units:
-            if u.low_rank and u.owner == me:
-                want[u.name] = {"projector": projector_shape(u.shape, o.rank, u.side),
-                                "exp_avg": lowrank_shape(u.shape, o.rank, u.side)}
-            elif not u.low_rank and u.piece_of(me) is not None:
-                want[u.name] = {"exp_avg": (u.piece_of(me).length,)}
-        for name, ust in st[UNITS].items():
-            if name not in want:
-                raise ValueError(f"fira: the checkpoint holds optimizer state for {name} on rank {me}, which this run "
-                                 "does not assign to it (different model, rank or param groups?)")
-            for key, shape in want[name].items():
-                if key in ust and tuple(ust[key].shape) != tuple(shape):
-                    raise ValueError(f"fira: optimizer state {key!r} of {name} has shape {tuple(ust[key].shape)}, "
-                                     f"expected {tuple(shape)} (different rank, proj_type or model?)")
-            for key, val in list(ust.items()):
-                if isinstance(val, torch.Tensor) and key != "step" and val.device != b.flat.device:
-                    ust[key] = val.to(b.flat.device)
+        states = self._bucket_state(b)
+        bad, _ = self._flags(b, grad, o)
+        self._adam_pieces(b, o, grad, bad, states)
+        live = []
+        for k, u in enumerate(b.units):
+            if not u.low_rank:
+                continue
+            if bad[k]:
+                self._note_nonfinite(u.name)
+                continue
+            live.append(u)
+        works = {u.name: self._work(b, u, o, states, grad) for u in live}
+        due = [works[u.name] for u in live if works[u.name].t % o.update_proj_gap == 0]
+        exact = [w for w in due if not uses_sketch(w.mat)]
+        sketched = [w for w in due if uses_sketch(w.mat)]
+        go = dict(zip([w.mat.name for w in exact + sketched],
+                      refresh_exact(self.opt, self.comm, exact, self.opt.comm_bucket_bytes)
+                      + refresh_randomized(self.opt, self.comm, sketched)))
+        self.svd_count += sum(w.mat.owner == me for w in exact)
+        self.sketch_count += len(sketched)
+        step = []
+        for u in live:
+            if not go.get(u.name, True):
+                continue
+            w = works[u.name]
+            st = states[u.name]
+            st["step"] += 1
+            w.t = int(st["step"])
+            step.append(w)
+        for chunk in P.sliced_chunks([w.mat.plan for w in step], self.opt.comm_bucket_bytes):
+            step_chunk(self.comm, [step[j] for j in chunk])
+
+    def _work(self, b: Bucket, u: Unit, o: GroupOptions, states: dict, grad: torch.Tensor) -> Work:
+        st = self._unit_state(states, u, o, b.flat.device, 0)
+        u.mat.opts = o
+        pc = u.piece_of(self.comm.rank)
+        sl = slice(pc.offset, pc.offset + pc.length) if pc is not None else slice(0, 0)
+        lrs = LowRankState(st["projector"], st["exp_avg"], st["exp_avg_sq"], st["limiter_norm"])
+        return Work(u.mat, lrs, grad[sl], b.flat[sl], int(st["step"]))
 
     # ------------------------------------------------------------------ replicated step (ZeRO-0)
     def _step_replicated(self, tasks: list[Task]) -> None:
@@ -526,89 +470,51 @@ class FlatPartition:
                 del self.opt.state[p]
         mine = [t for t in tasks if self.units[id(t.param)].owner == me]
         step_tasks_(self.opt, mine, lambda t: self._note_nonfinite(t.name))
-        if W == 1:
+        if W == 1 or not tasks:
             return
-        # Every owner's updated tensors to every rank: one all_gather of flat buffers padded to the longest.
-        by_rank: list[list[Task]] = [[] for _ in range(W)]
+        by_rank: list[list[torch.Tensor]] = [[] for _ in range(W)]
         for t in tasks:
-            by_rank[self.units[id(t.param)].owner].append(t)
-        sizes = [sum(t.param.numel() for t in ts) for ts in by_rank]
-        longest = max(sizes)
-        if longest == 0:
-            return
-        dt, dev = tasks[0].param.dtype, tasks[0].param.device
-        buf = torch.zeros(longest, dtype=dt, device=dev)
-        if mine:
-            torch.cat([t.param.detach().reshape(-1) for t in mine], out=buf[:sizes[me]])
-        out = torch.empty(W * longest, dtype=dt, device=dev)
-        self.comm.all_gather_into_tensor(out, buf)
-        for q in range(W):
-            if q == me:
-                continue
-            pos = q * longest
-            for t in by_rank[q]:
-                n = t.param.numel()
-                t.param.detach().view(-1).copy_(out[pos:pos + n])
-                pos += n
+            by_rank[self.units[id(t.param)].owner].append(t.param.detach().view(-1))
+        share_owned_values(self.comm, by_rank, self.opt.comm_bucket_bytes, tasks[0].param.dtype, tasks[0].param.device)
 
-    def _gather_state_dict(self, opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """state_dict() post-hook (replicated): every rank's owned state in one dict. A collective."""
-        if self.mode != "replicated" or self.comm.world_size == 1 or not dist.is_initialized():
-            return state_dict
-        parts: list[Any] = [None] * self.comm.world_size
-        local = {k: {kk: (vv.cpu() if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()}
-                 for k, v in state_dict["state"].items()}
-        dist.all_gather_object(parts, local, group=self.comm.group)
-        merged: dict[Any, Any] = {}
-        for part in parts:
-            merged.update(part)
-        state_dict["state"] = dict(sorted(merged.items()))
-        return state_dict
-
-    def after_load_state_dict(self) -> None:
-        """Called by Fira.load_state_dict: loaded state is checked (and, replicated, pruned) at the next step."""
-        self._just_loaded = True
-        self._checked.clear()
-
-    # ------------------------------------------------------------------ measurements
-    def state_bytes(self) -> int:
-        """Bytes of Fira state tensors held by this rank (all buckets / parameters)."""
-        def size(x: Any) -> int:
-            if isinstance(x, torch.Tensor):
-                return x.numel() * x.element_size()
-            if isinstance(x, dict):
-                return sum(size(v) for v in x.values())
+    # ------------------------------------------------------------------ formulas and measurements
+    def expected_comm_bytes(self) -> int:
+        """Bytes per engine step by the module docstring's formula, from the plan and the state's step counters
+        (assumes finite gradients and successful SVDs; every parameter has a gradient)."""
+        W, me = self.comm.world_size, self.comm.rank
+        if W == 1:
             return 0
-        return sum(size(v) for v in self.opt.state.values())
-
-    def unit_state_bytes(self) -> dict[str, int]:
-        """Per parameter name: bytes of the state this rank holds for it."""
-        out: dict[str, int] = {}
-        for key, v in self.opt.state.items():
-            if self.mode == "partitioned":
-                for name, ust in v.get(UNITS, {}).items():
-                    out[name] = out.get(name, 0) + sum(t.numel() * t.element_size() for t in ust.values()
-                                                       if isinstance(t, torch.Tensor))
-            else:
-                u = self.units.get(id(key))
-                if u is not None:
-                    out[u.name] = sum(t.numel() * t.element_size() for t in v.values() if isinstance(t, torch.Tensor))
-        return out
-
-    def projectors(self) -> dict[str, torch.Tensor]:
-        """Per matrix this rank owns: its current projector (a copy, on CPU)."""
-        out = {}
-        for key, v in self.opt.state.items():
-            if self.mode == "partitioned":
-                for name, ust in v.get(UNITS, {}).items():
-                    if "projector" in ust:
-                        out[name] = ust["projector"].detach().cpu().clone()
-            elif "projector" in v and id(key) in self.units:
-                out[self.units[id(key)].name] = v["projector"].detach().cpu().clone()
-        return out
+        budget = self.opt.comm_bucket_bytes
+        if self.mode == "replicated":
+            lengths = [0] * W
+            for u in self.units.values():
+                lengths[u.owner] += u.numel
+            return P.gather_rounds(lengths, 4, budget).comm_bytes
+        total = 0
+        for b in self.buckets.values():
+            total += 4 * len(b.units) if self.opt.skip_nonfinite else 0
+            mats = [u for u in b.units if u.low_rank]
+            if self.stage != 3:
+                total += P.zero12_comm_bytes(b.zplan, [u.pieces for u in mats], me)
+                continue
+            states = self.opt.state.get(b.flat, {}).get(UNITS, {})
+            steps = {u.name: int(states[u.name]["step"]) if u.name in states else 0 for u in mats}
+            due = [u for u in mats if steps[u.name] % u.mat.opts.update_proj_gap == 0]
+            exact = [u.mat for u in due if not uses_sketch(u.mat)]
+            rounds = P.exact_refresh_rounds([m.plan for m in exact], [m.owner for m in exact], budget)
+            total += P.exact_refresh_comm_bytes([m.plan for m in exact], [m.owner for m in exact], rounds, me)
+            total += P.sketch_comm_bytes([u.mat.plan for u in due if uses_sketch(u.mat)], OVERSAMPLE, POWER_ITERS)
+            shapes = [u.mat.plan for u in mats]
+            total += sum(P.sliced_chunk_comm_bytes([shapes[j] for j in c]) for c in P.sliced_chunks(shapes, budget))
+        return total
 
     def owners(self) -> dict[str, int]:
-        """Owner rank per matrix (partitioned) or per tensor (replicated)."""
+        """Per matrix: the rank that updates it (ZeRO-0: every tensor; ZeRO-1/2: its owner) or, under ZeRO-3 (state
+        sliced over all ranks), the rank that computes its exact SVDs."""
         if self.mode == "replicated":
             return {u.name: u.owner for u in self.units.values()}
         return {u.name: u.owner for b in self.buckets.values() for u in b.units if u.low_rank}
+
+    def straddlers(self) -> list[str]:
+        """ZeRO-1/2: the matrices held by more than one rank (the only ones that move)."""
+        return [u.name for b in self.buckets.values() for u in b.units if u.straddles]

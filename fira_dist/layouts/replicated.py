@@ -12,17 +12,19 @@ Every rank holds every parameter and the same, already averaged, gradient G.
   ownership would leave one rank with, e.g., LLaMA-60M's 32000 x 512 embedding's moments (40% of all state).
 
 Either way every parameter ends bitwise equal to a one-process run on the same gradient (elementwise
-arithmetic does not care how the rows are split). The updated values then reach every rank in ONE
-``all_gather_into_tensor`` per step (one per parameter dtype), rank r contributing its matrices and its rows.
+arithmetic does not care how the rows are split). The updated values then reach every rank by an all-gather
+(one per parameter dtype), rank r contributing its matrices and its rows, in rounds bounded by
+``comm_bucket_bytes`` (``share_owned_values``: never a whole-model receive buffer).
 
 Communication per step and per rank (``Comm`` counts all_gather output bytes)::
 
-    bytes_per_step = sum over parameter dtypes d of  W * max_r L_r(d) * itemsize(d)
+    bytes_per_step = sum over parameter dtypes d of  W * C_d * ceil(max_r L_r(d) / C_d) * itemsize(d)
     L_r(d) = sum of numel(p) over low-rank matrices of dtype d owned by rank r
            + sum of rows_r(p) * numel(p) / rows(p) over the other tensors of dtype d
+    C_d = min(max_r L_r(d), comm_bucket_bytes // ((W + 1) itemsize(d)))  (elements per rank per round)
 
 where rows_r(p) = the rows rank r holds under torch.chunk splitting, and only parameters with
-``requires_grad`` count. (The gather is padded to the largest rank's share.) Every such parameter is in the
+``requires_grad`` count (``plan.gather_rounds``; the last round is padded). Every such parameter is in the
 gather whether or not it has a gradient this step: a parameter without one is sent unchanged, so ranks never
 need to agree on which gradients exist. Nothing else is communicated during a step. Whether a gradient is
 finite is decided on the whole gradient, identical on every rank, so all ranks skip the same tensors.
@@ -52,7 +54,7 @@ import torch
 from fira_dist.algorithm import adam_update_
 from fira_dist.comm import Comm
 from fira_dist.config import GroupOptions
-from fira_dist.layouts.owners import assign_owners, lowrank_state_numel
+from fira_dist.layouts.plan import assign_owners, gather_rounds, lowrank_state_numel
 from fira_dist.layouts.single import SingleProcess, adam_step_, whole_matrix_step_
 from fira_dist.projector import lowrank_shape, projector_shape, side_for
 
@@ -273,27 +275,11 @@ class Replicated(SingleProcess):
         return (b - a) * _numel(e.shape[1:]) if e.shape else 1
 
     def _share_values(self) -> None:
+        dev = self.entries[0].param.device if self.entries else torch.device("cpu")
         for dtype, per_rank in self._segments().items():
-            L = max(sum(self._numel_rows(*seg) for seg in segs) for segs in per_rank)
-            if L == 0:
-                continue
-            dev = self.entries[0].param.device
-            send = torch.zeros(L, dtype=dtype, device=dev)
-            off = 0
-            for e, a, b in per_rank[self.rank]:
-                n = self._numel_rows(e, a, b)
-                send[off:off + n].copy_(e.param.detach().view(-1)[self._numel_rows(e, 0, a):][:n])
-                off += n
-            recv = torch.empty(self.world_size * L, dtype=dtype, device=dev)
-            self.comm.all_gather_into_tensor(recv, send)
-            for r, segs in enumerate(per_rank):
-                if r == self.rank:
-                    continue
-                off = r * L
-                for e, a, b in segs:
-                    n = self._numel_rows(e, a, b)
-                    e.param.detach().view(-1)[self._numel_rows(e, 0, a):][:n].copy_(recv[off:off + n])
-                    off += n
+            views = [[e.param.detach().view(-1)[self._numel_rows(e, 0, a):][:self._numel_rows(e, a, b)]
+                      for e, a, b in segs] for segs in per_rank]
+            share_owned_values(self.comm, views, self.opt.comm_bucket_bytes, dtype, dev)
 
     def expected_comm_bytes(self) -> int:
         """The docstring formula, from the owner map alone (what ``comm_stats()['bytes_per_step']`` measures)."""
@@ -301,8 +287,8 @@ class Replicated(SingleProcess):
             return 0
         total = 0
         for dtype, per_rank in self._segments().items():
-            L = max(sum(self._numel_rows(*seg) for seg in segs) for segs in per_rank)
-            total += self.world_size * L * dtype.itemsize
+            lengths = [sum(self._numel_rows(*seg) for seg in segs) for segs in per_rank]
+            total += gather_rounds(lengths, dtype.itemsize, self.opt.comm_bucket_bytes).comm_bytes
         return total
 
     def comm_stats(self) -> dict[str, Any]:
@@ -446,6 +432,44 @@ class Replicated(SingleProcess):
                     rows = buf[off:off + nb].view(v.dtype).reshape((b - a, *e.shapes[k][1:]))
                     new[e.param][k][a:b].copy_(rows)
                 off += nb
+
+
+def share_owned_values(comm: Comm, views: list[list[torch.Tensor]], budget: int, dtype: torch.dtype,
+                       device: torch.device) -> None:
+    """Bring every rank up to date with the values their owners computed: ``views[q]`` are this rank's 1-D views
+    (same shapes on every rank) of what rank q owns. Rank q's contribution is the concatenation of views[q]; it
+    is all-gathered in rounds (``plan.gather_rounds``: round j moves elements [j C, (j + 1) C) of every rank's
+    contribution), so the send and receive buffers hold (W + 1) C elements <= budget bytes, never the model."""
+    W, me = comm.world_size, comm.rank
+    if W == 1:
+        return
+    lengths = [sum(v.numel() for v in vs) for vs in views]
+    plan = gather_rounds(lengths, dtype.itemsize, budget)
+    C = plan.per_round
+    for j in range(plan.rounds):
+        send = torch.zeros(C, dtype=dtype, device=device)
+        _copy_range(views[me], j * C, send, to_views=False)
+        recv = torch.empty(W * C, dtype=dtype, device=device)
+        comm.all_gather_into_tensor(recv, send)
+        for q in range(W):
+            if q != me:
+                _copy_range(views[q], j * C, recv[q * C:(q + 1) * C], to_views=True)
+
+
+def _copy_range(views: list[torch.Tensor], start: int, buf: torch.Tensor, to_views: bool) -> None:
+    """Copy elements [start, start + len(buf)) of the concatenation of views into buf (or back, to_views)."""
+    pos, end = 0, start + buf.numel()
+    for v in views:
+        lo, hi = max(start, pos), min(end, pos + v.numel())
+        if hi > lo:
+            a, b = lo - start, hi - start
+            if to_views:
+                v[lo - pos:hi - pos].copy_(buf[a:b])
+            else:
+                buf[a:b].copy_(v[lo - pos:hi - pos])
+        pos += v.numel()
+        if pos >= end:
+            break
 
 
 def svd_flops(shape: tuple[int, ...]) -> int:

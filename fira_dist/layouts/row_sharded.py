@@ -1,43 +1,34 @@
 """Row-sharded gradients (FSDP2 ``fully_shard``: DTensor parameters and gradients, ``Shard(0)`` on a 1-D mesh).
 
 Rank r holds rows [a_r, b_r) of every parameter and of its gradient (torch.chunk semantics: c = ceil(m / W)
-rows per rank, the last ranks fewer or none). Per low-rank matrix G (m, n), k = min(rank, m, n):
-
-- right projection (m >= n for "std"), Q (k, n):  R = G Q^T is row-local: R_r = G_r Q^T (m_r, k). The
-  moments (m, k) are sharded like the parameter's rows, phi (one per row) and the residual are row-local.
-  Q itself is stored sharded by its rows (k_r, n) and all-gathered once per step (it is small: k x n).
-- left projection (m < n), P (m, k) sharded by rows like G:  R = P^T G = sum_r P_r^T G_r. Each rank reduce-
-  scatters its partial (k, n) by columns, together with its partial column norms ||G_r[:, j]||^2, so rank r
-  ends with R[:, cols_r] (k, n_r) and the full ||G[:, j]||^2 of its columns. The moments (k, n) are sharded
-  by columns (``Shard(1)``); N, phi (one per column) are column-local. X = alpha N - beta (phi / lim) R and
-  c = phi / lim are all-gathered (k + 1, n), and rank r applies p_r -= step (P_r X + c * G_r).
-- the limiter: each rank's partial ||S||^2 (its rows or its columns), for ALL Fira matrices at once, in one
-  all-reduce of a vector. Every rank then holds the same limiter norm (a replicated 0-d tensor).
-- SVD at refresh steps (per-matrix ``step % update_proj_gap == 0``): each matrix has one owner (greedy LPT on
-  m n min(m, n)); the rows of G go to the owner (one all-to-all for all due matrices), the owner computes
-  exactly what one process computes (``single.refresh_projector_``: exact or randomized, same seeding, same
-  failure handling), and sends back the full Q to every rank (needed this step) or each rank's rows of P
-  (a second all-to-all). Each SVD is computed once in the job.
-- non-matrix parameters (embeddings, norms, and matrices in groups without ``rank``): elementwise Adam on the
-  local shard; the moments are sharded like the parameter.
+rows per rank, the last ranks fewer or none). The low-rank matrices' math is ``layouts.sliced`` (Fira on row
+slices; here every slice is whole rows, so no row is split): per matrix G (m, n), k = min(rank, m, n),
+- right projection (m >= n for "std"): Q (k, n) stored by its rows, all-gathered for the step; R = G_r Q^T,
+  the moments (by rows), phi and the residual are row-local;
+- left projection (m < n): P (m, k) by rows; the partial P_r^T G_r (k, n) and column norms are reduce-scattered
+  by columns, the moments live by columns (``Shard(1)``), [X; c] (k + f, n) is all-gathered;
+- the limiter's ||S||^2 of every Fira matrix of a chunk in one all-reduce;
+- refresh steps (``step % update_proj_gap == 0``): exact SVD: the due gradients' rows go point to point to each
+  matrix's owner (greedy LPT on m n min(m, n)) in rounds bounded by ``comm_bucket_bytes``, and each rank gets
+  its piece of the new projector back; randomized: ``layouts.sketch``, no gradient moves.
+- non-matrix parameters (embeddings, norms, matrices in groups without ``rank``): elementwise Adam on the local
+  shard; the moments are sharded like the parameter.
 
 Before any of this, one all-gather carries, per parameter, "has a gradient" and "has NaN/Inf on this rank"
-flags (so that every rank skips the same parameters: ``skip_nonfinite``), together with the Q shards above.
+flags, so that every rank skips the same parameters (``skip_nonfinite``).
 
 Communication per step and per rank, in bytes (``Comm``: all_gather counts its output, reduce_scatter its
-input, all_reduce its tensor, all_to_all what a rank sends to other ranks; everything is packed in fp32, 4
-bytes). E = the parameters of the optimizer, c(x) = ceil(x / W), "ok" = has a finite gradient:
+input, all_reduce its tensor, point-to-point what a rank sends; everything fp32). E = the parameters, chunks =
+``plan.sliced_chunks`` of the matrices that step, f = 1 for Fira:
 
-    prologue all-gather      4 W (2 |E| + sum_{right ok, not due} c(k) n)
-    reduce-scatter           4 W sum_{left ok} (k + f) c(n)              f = 1 for Fira, 0 for GaLore
-    all-reduce               4 (number of Fira matrices ok)
-    all-gather               4 W sum_{left ok} (k + f) c(n)
-    refresh steps only:
-    all-to-all (gradients)   4 sum_{due, owner != me} (m_me n + [right] k_me n)
-    all-to-all (projectors)  4 sum_{due, owner == me} sum_{d != me} (1 + [right] k n + [left] m_d k)
+    flags all-gather      4 W 2 |E|
+    per chunk             plan.sliced_chunk_comm_bytes: 4 (W sum_right ceil(k/W) n + 2 W sum_left (k + f)
+                          ceil(n/W) + #Fira)
+    exact refresh         plan.exact_refresh_comm_bytes: 4 (rows held x n of each due matrix owned elsewhere
+                          + the other ranks' projector pieces of each due matrix owned here + #due)
+    randomized refresh    plan.sketch_comm_bytes: 4 ell (n (1 + q) + ell) right, 4 ell (m + n)(1 + q) left
 
-(a collective with nothing to move is skipped and counts 0). ``expected_comm_bytes()`` evaluates this from
-shapes before a step; the tests check it against ``comm_stats()``.
+``expected_comm_bytes()`` evaluates this before a step; the tests check it against ``comm_stats()``.
 
 State and checkpoints: every state tensor with ndim >= 1 is a DTensor on the parameters' mesh (right: Q
 ``Shard(0)`` over its k rows, moments ``Shard(0)``; left: P ``Shard(0)``, moments ``Shard(1)``; Adam: the
@@ -54,26 +45,15 @@ from typing import Any
 
 import torch
 
-from fira_dist.algorithm import (
-    adam_update_,
-    apply_direction_,
-    bias_corrected_step_size,
-    decay_,
-    is_left_square_quirk,
-    limiter,
-    lowrank_direction_parts,
-    project,
-    residual_coefficient,
-    scaling_and_residual_sq,
-    squared_norms,
-    lowrank_adam_,
-)
+from fira_dist.algorithm import LowRankState, adam_update_
 from fira_dist.comm import Comm
 from fira_dist.config import Algorithm, GroupOptions
-from fira_dist.layouts.owners import assign_owners
-from fira_dist.layouts.replicated import STATE_BYTES_KEYS, contiguous_stride, process_group_of, row_range, svd_flops
-from fira_dist.layouts.single import SingleProcess, refresh_projector_
-from fira_dist.projector import effective_rank, lowrank_shape, projector_shape, side_for
+from fira_dist.layouts import plan as P
+from fira_dist.layouts.replicated import STATE_BYTES_KEYS, contiguous_stride, process_group_of, row_range
+from fira_dist.layouts.single import SingleProcess
+from fira_dist.layouts.sketch import refresh_randomized
+from fira_dist.layouts.sliced import SlicedMatrix, Work, check_supported, refresh_exact, step_chunk, uses_sketch
+from fira_dist.projector import OVERSAMPLE, POWER_ITERS, effective_rank, lowrank_shape, projector_shape, side_for
 
 PACK = torch.float32  # every collective of a step moves fp32
 
@@ -87,6 +67,7 @@ class Entry:
     kind: str  # "right" | "left" | "adam"
     k: int = 0
     owner: int = -1  # SVD owner (low-rank only)
+    mat: SlicedMatrix | None = None  # low-rank only: the sliced plan
     shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     dims: dict[str, int] = dataclasses.field(default_factory=dict)  # shard dim of each state tensor (ndim >= 1)
     dtype: torch.dtype = torch.float32
@@ -98,10 +79,6 @@ class Entry:
     @property
     def fira(self) -> bool:
         return self.low_rank and self.opts.algorithm == Algorithm.FIRA
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class RowSharded(SingleProcess):
@@ -139,8 +116,9 @@ class RowSharded(SingleProcess):
         self.group = self.mesh.get_group()
         self.comm = Comm(self.group)
         self.rank, self.world_size = self.mesh.get_local_rank(), self.mesh.size()
-        self.svd_count = 0
+        self.svd_count = 0  # exact SVDs computed on this rank
         self.svd_flops = 0
+        self.sketch_count = 0  # distributed randomized refreshes this rank took part in
         self.entries: list[Entry] = []
         self._signature: tuple = ()
         self._ensure_plan()
@@ -155,6 +133,8 @@ class RowSharded(SingleProcess):
             # apply at the next step, as with the other layouts. Entries are in the order of ``items``.
             for e, (gi, _, _) in zip(self.entries, items):
                 e.opts = self.opt.group_options(gi)
+                if e.mat is not None:
+                    e.mat.opts = e.opts
             return
         entries = []
         for gi, i, p in items:
@@ -166,10 +146,7 @@ class RowSharded(SingleProcess):
                 side = side_for(shape, o.proj_type.value)
                 k = effective_rank(shape, o.rank)
                 lr = lowrank_shape(shape, o.rank, side)
-                if o.algorithm == Algorithm.FIRA and is_left_square_quirk(side, lr, shape):
-                    raise ValueError(f"{name}: a left projection of a square matrix with rank >= its size takes the "
-                                     "reference's per-row scaling, which the row-sharded layout does not implement; "
-                                     "use proj_type='std' or a smaller rank")
+                check_supported(name, o, side, shape, "row-sharded (FSDP2)")
                 e = Entry(p, name, o, shape, side, k, dtype=dtype)
                 e.shapes = {"step": (), "projector": projector_shape(shape, o.rank, side), "exp_avg": lr,
                             "exp_avg_sq": lr, "limiter_norm": ()}
@@ -181,8 +158,10 @@ class RowSharded(SingleProcess):
                 e.dims = {"exp_avg": 0, "exp_avg_sq": 0} if len(shape) else {}
             entries.append(e)
         mats = [e for e in entries if e.low_rank]
-        for e, r in zip(mats, assign_owners([svd_flops(e.shape) for e in mats], self.world_size)):
+        for e, r in zip(mats, P.assign_owners([P.svd_cost(e.shape) for e in mats], self.world_size)):
             e.owner = r
+            shape = P.SliceShape(e.shape, e.k, e.kind, e.fira, tuple(P.fsdp2_ranges(e.shape, self.world_size)))
+            e.mat = SlicedMatrix(e.name, e.opts, shape, r, self.rank)
         for e in entries:
             lo, hi = row_range(e.shape[0], self.world_size, self.rank) if e.shape else (0, 0)
             local = e.param.to_local().shape
@@ -287,35 +266,32 @@ class RowSharded(SingleProcess):
                     st[k] = self._dtensor(self._local_slice(full, e.dims[k]).to(dt).clone(), e.shapes[k], e.dims[k])
 
     # ------------------------------------------------------------------ step
+    @property
+    def budget(self) -> int:
+        return self.opt.comm_bucket_bytes
+
+    def _local_state(self, e: Entry) -> LowRankState:
+        st = self.opt.state[e.param]
+        return LowRankState(st["projector"].to_local(), st["exp_avg"].to_local(), st["exp_avg_sq"].to_local(),
+                            st["limiter_norm"])
+
     def step(self, tasks: list[Any]) -> None:
         self._ensure_plan()
-        W, me = self.world_size, self.rank
+        W = self.world_size
         by = {id(t.param): t for t in tasks}
         E = self.entries
         n = len(E)
         grads = {id(e.param): by[id(e.param)].grad.to_local() for e in E if id(e.param) in by}
-        has_local = [id(e.param) in grads for e in E]
         finite = dict(zip(grads, self.opt.finite_mask(list(grads.values()))))
-        due = [e.low_rank and has_local[i] and int(self.opt.state[e.param]["step"]) % e.opts.update_proj_gap == 0
-               for i, e in enumerate(E)]
 
-        # ---- prologue all-gather: flags + Q shards of right matrices that are not refreshed this step
-        gq = [i for i, e in enumerate(E) if e.kind == "right" and has_local[i] and not due[i]]
-        seg = 2 * n + sum(_cdiv(E[i].k, W) * E[i].shape[1] for i in gq)
-        send = torch.zeros(seg, dtype=PACK, device=self._device())
-        send[:n] = torch.tensor([float(h) for h in has_local])
-        send[n:2 * n] = torch.tensor([0.0 if finite.get(id(e.param), True) else 1.0 for e in E])
-        off = 2 * n
-        for i in gq:
-            e = E[i]
-            q = self.opt.state[e.param]["projector"].to_local()  # (k_me, n)
-            send[off:off + q.numel()].copy_(q.reshape(-1))
-            off += _cdiv(e.k, W) * e.shape[1]
-        recv = torch.empty(W * seg, dtype=PACK, device=send.device)
+        # ---- prologue all-gather: per parameter "has a gradient" and "has NaN/Inf here"
+        send = torch.tensor([float(id(e.param) in grads) for e in E] +
+                            [0.0 if finite.get(id(e.param), True) else 1.0 for e in E], dtype=torch.float32,
+                            device=self._device())
+        recv = torch.empty(W * 2 * n, dtype=torch.float32, device=send.device)
         self.comm.all_gather_into_tensor(recv, send)
-        recv = recv.view(W, seg)
-        has_sum = recv[:, :n].sum(0).tolist()
-        bad_sum = recv[:, n:2 * n].sum(0).tolist()
+        recv = recv.view(W, 2 * n)
+        has_sum, bad_sum = recv[:, :n].sum(0).tolist(), recv[:, n:].sum(0).tolist()
         ok = []
         for i, e in enumerate(E):
             if 0 < has_sum[i] < W:
@@ -324,67 +300,35 @@ class RowSharded(SingleProcess):
             ok.append(has_sum[i] == W and bad_sum[i] == 0)
             if has_sum[i] == W and bad_sum[i] > 0:
                 self.note_nonfinite(by[id(e.param)])
-        Q: dict[int, torch.Tensor] = {}
-        off = 2 * n
-        for i in gq:
-            e = E[i]
-            cols, ck = e.shape[1], _cdiv(e.k, W)
-            parts = [recv[r, off:off + ck * cols].view(ck, cols)[: self._rows(e.k, r)[1] - self._rows(e.k, r)[0]]
-                     for r in range(W)]
-            Q[i] = torch.cat(parts).to(self._key_dtype(e, "projector"))  # (k, n)
-            off += ck * cols
 
-        # ---- refresh: rows of G to the SVD owner, projectors back
-        refresh = [i for i in range(n) if due[i] and ok[i]]
-        if refresh:
-            self._refresh(refresh, grads, Q, ok, by)
+        # ---- low-rank matrices: refresh (exact or sketched), then the step chunk by chunk
+        def work(e: Entry, t: int) -> Work:
+            return Work(e.mat, self._local_state(e), grads[id(e.param)].reshape(-1), e.param.to_local().view(-1), t)
 
-        # ---- low-rank math
-        live = [i for i in range(n) if ok[i] and E[i].low_rank]
-        left = [i for i in live if E[i].kind == "left"]
-        work: dict[int, dict[str, Any]] = {}
-        for i in live:
-            e, st = E[i], self.opt.state[E[i].param]
+        live = [e for i, e in enumerate(E) if ok[i] and e.low_rank]
+        due = [work(e, int(self.opt.state[e.param]["step"])) for e in live
+               if int(self.opt.state[e.param]["step"]) % e.opts.update_proj_gap == 0]
+        exact = [w for w in due if not uses_sketch(w.mat)]
+        sketched = [w for w in due if uses_sketch(w.mat)]
+        skip = set()
+        for w, go in zip(exact + sketched, refresh_exact(self.opt, self.comm, exact, self.budget)
+                         + refresh_randomized(self.opt, self.comm, sketched)):
+            if not go:
+                skip.add(w.mat.name)
+        for w in exact:
+            if w.mat.owner == self.rank:
+                self.svd_count += 1
+                self.svd_flops += P.svd_cost(w.mat.shape)
+        self.sketch_count += len(sketched)
+        works = []
+        for e in live:
+            if e.name in skip:
+                continue
+            st = self.opt.state[e.param]
             st["step"] += 1
-            Gc = grads[id(e.param)].to(self._key_dtype(e, "exp_avg"))  # (m_me, n)
-            w = {"G": Gc, "t": int(st["step"])}
-            if e.kind == "right":
-                w["R"] = project(Gc, Q[i], "right")  # (m_me, k)
-            else:
-                w["partial"] = project(Gc, st["projector"].to_local(), "left")  # (k, n): P_me^T G_me
-                if e.fira:
-                    w["g_sq"] = squared_norms(Gc, -2)  # (1, n)
-            work[i] = w
-        if left:
-            self._reduce_scatter_left(left, work)
-        s_sq = []
-        for i in live:
-            e, st, w = E[i], self.opt.state[E[i].param], work[i]
-            w["N"] = lowrank_adam_(w["R"], st["exp_avg"].to_local(), st["exp_avg_sq"].to_local(), e.opts)
-            if e.fira:
-                w["phi"], part = scaling_and_residual_sq(w["G"] if e.kind == "right" else None, w["R"], w["N"], e.kind,
-                                                         residual_coefficient(e.opts), g_sq=w.get("g_sq_cols"))
-                s_sq.append(part.reshape(1).to(PACK))
-        fira = [i for i in live if E[i].fira]
-        if fira:
-            norms = self.comm.all_reduce(torch.cat(s_sq)).sqrt()
-            for j, i in enumerate(fira):
-                st = self.opt.state[E[i].param]
-                lim, new_norm = limiter(norms[j].to(st["limiter_norm"].dtype), st["limiter_norm"],
-                                        E[i].opts.limiter_gamma, has_prev=work[i]["t"] > 1)
-                st["limiter_norm"].copy_(new_norm)
-                work[i]["lim"] = lim
-        for i in live:
-            e, w = E[i], work[i]
-            w["X"], w["c"] = lowrank_direction_parts(w["N"], w["R"], w.get("phi"), w.get("lim"), e.opts)
-        if left:
-            self._all_gather_left(left, work)
-        for i in live:
-            e, st, w = E[i], self.opt.state[E[i].param], work[i]
-            target = e.param.to_local()
-            P = Q[i] if e.kind == "right" else st["projector"].to_local()
-            apply_direction_(target, w["G"], w["X"], w["c"], P, e.kind, -bias_corrected_step_size(e.opts, w["t"]))
-            decay_(target, e.opts)
+            works.append(work(e, int(st["step"])))
+        for chunk in P.sliced_chunks([w.mat.plan for w in works], self.budget):
+            step_chunk(self.comm, [works[j] for j in chunk])
 
         # ---- elementwise Adam on local shards
         for i in range(n):
@@ -402,179 +346,6 @@ class RowSharded(SingleProcess):
     def _device(self) -> torch.device:
         return self.entries[0].param.device if self.entries else torch.device("cpu")
 
-    def _refresh(self, refresh: list[int], grads: dict, Q: dict, ok: list[bool], by: dict) -> None:
-        """All-to-all the due gradients' rows (and old Q rows) to the SVD owners, compute, all-to-all back."""
-        W, me, E = self.world_size, self.rank, self.entries
-        dev = self._device()
-        # 1. rows of G (and of the old Q, the fallback if the SVD fails) to the owner
-        in_splits = [0] * W
-        chunks: list[list[torch.Tensor]] = [[] for _ in range(W)]
-        for i in refresh:
-            e = E[i]
-            g = grads[id(e.param)].to(PACK).reshape(-1)
-            chunks[e.owner].append(g)
-            if e.kind == "right":
-                chunks[e.owner].append(self.opt.state[e.param]["projector"].to_local().to(PACK).reshape(-1))
-        for d in range(W):
-            in_splits[d] = sum(c.numel() for c in chunks[d])
-        out_splits = [0] * W
-        for i in refresh:
-            e = E[i]
-            if e.owner != me:
-                continue
-            for s in range(W):
-                a, b = self._rows(e.shape[0], s)
-                out_splits[s] += (b - a) * e.shape[1]
-                if e.kind == "right":
-                    qa, qb = self._rows(e.k, s)
-                    out_splits[s] += (qb - qa) * e.shape[1]
-        inp = torch.cat([c for d in range(W) for c in chunks[d]]) if sum(in_splits) else torch.zeros(0, dtype=PACK, device=dev)
-        out = torch.empty(sum(out_splits), dtype=PACK, device=dev)
-        self.comm.all_to_all_single(out, inp, out_splits, in_splits)
-        # assemble on the owner: source by source, matrix by matrix (plan order)
-        mine = [i for i in refresh if E[i].owner == me]
-        full_g = {i: [] for i in mine}
-        old_q = {i: [] for i in mine}
-        off = 0
-        for s in range(W):
-            for i in mine:
-                e = E[i]
-                a, b = self._rows(e.shape[0], s)
-                cnt = (b - a) * e.shape[1]
-                full_g[i].append(out[off:off + cnt].view(b - a, e.shape[1]))
-                off += cnt
-                if e.kind == "right":
-                    qa, qb = self._rows(e.k, s)
-                    cnt = (qb - qa) * e.shape[1]
-                    old_q[i].append(out[off:off + cnt].view(qb - qa, e.shape[1]))
-                    off += cnt
-        # 2. the SVDs, exactly as one process (same seeding, same failure handling)
-        results = {}
-        for i in mine:
-            e = E[i]
-            G = torch.cat(full_g[i]).to(grads[id(e.param)].dtype)  # (m, n)
-            if e.kind == "right":
-                proj = torch.cat(old_q[i]).to(self._key_dtype(e, "projector")).clone()  # old Q: kept on failure
-            else:
-                proj = torch.full(e.shapes["projector"], float("nan"), dtype=self._key_dtype(e, "projector"), device=dev)
-            task = by[id(e.param)]
-            st = {"step": self.opt.state[e.param]["step"], "projector": proj}
-            self.svd_count += 1
-            self.svd_flops += svd_flops(e.shape)
-            go = refresh_projector_(self.opt, task, st, G)
-            status = 2.0 if not go else (1.0 if e.kind == "left" and bool(torch.isnan(proj).any()) else 0.0)
-            results[i] = (status, proj)
-        # 3. back: [status, full Q] to every rank (right) or [status, rows of P] (left)
-        in_splits = [0] * W
-        send: list[list[torch.Tensor]] = [[] for _ in range(W)]
-        for d in range(W):
-            for i in mine:
-                e = E[i]
-                status, proj = results[i]
-                send[d].append(torch.tensor([status], dtype=PACK, device=dev))
-                if e.kind == "right":
-                    send[d].append(proj.to(PACK).reshape(-1))
-                else:
-                    a, b = self._rows(e.shape[0], d)
-                    send[d].append(proj[a:b].to(PACK).reshape(-1))
-            in_splits[d] = sum(t.numel() for t in send[d])
-        out_splits = [0] * W
-        for i in refresh:
-            e = E[i]
-            a, b = self._rows(e.shape[0])
-            out_splits[e.owner] += 1 + (e.k * e.shape[1] if e.kind == "right" else (b - a) * e.k)
-        inp = torch.cat([t for d in range(W) for t in send[d]]) if sum(in_splits) else torch.zeros(0, dtype=PACK, device=dev)
-        out = torch.empty(sum(out_splits), dtype=PACK, device=dev)
-        self.comm.all_to_all_single(out, inp, out_splits, in_splits)
-        off = 0
-        for s in range(W):
-            for i in refresh:
-                e = E[i]
-                if e.owner != s:
-                    continue
-                status = float(out[off])
-                off += 1
-                st = self.opt.state[e.param]
-                if e.kind == "right":
-                    cnt = e.k * e.shape[1]
-                    Q[i] = out[off:off + cnt].view(e.k, e.shape[1]).to(self._key_dtype(e, "projector"))
-                    if status == 0.0:
-                        qa, qb = self._rows(e.k)
-                        st["projector"].to_local().copy_(Q[i][qa:qb])
-                else:
-                    a, b = self._rows(e.shape[0])
-                    cnt = (b - a) * e.k
-                    if status == 0.0:
-                        st["projector"].to_local().copy_(out[off:off + cnt].view(b - a, e.k))
-                off += cnt
-                if status == 2.0:
-                    ok[i] = False
-
-    def _reduce_scatter_left(self, left: list[int], work: dict) -> None:
-        """Sum the partial P_r^T G_r (and column norms) across ranks; rank r keeps its columns."""
-        W, E = self.world_size, self.entries
-        sizes = [(E[i].k + int(E[i].fira)) * _cdiv(E[i].shape[1], W) for i in left]
-        S = sum(sizes)
-        inp = torch.zeros(W, S, dtype=PACK, device=self._device())
-        for d in range(W):
-            off = 0
-            for i, size in zip(left, sizes):
-                e, w = E[i], work[i]
-                a, b = self._rows(e.shape[1], d)
-                cw = _cdiv(e.shape[1], W)
-                blk = inp[d, off:off + size].view(e.k + int(e.fira), cw)
-                blk[:e.k, :b - a].copy_(w["partial"][:, a:b])
-                if e.fira:
-                    blk[e.k, :b - a].copy_(w["g_sq"][0, a:b])
-                off += size
-        out = torch.empty(S, dtype=PACK, device=inp.device)
-        self.comm.reduce_scatter_tensor(out, inp.view(-1))
-        off = 0
-        for i, size in zip(left, sizes):
-            e, w = E[i], work[i]
-            a, b = self._rows(e.shape[1])
-            blk = out[off:off + size].view(e.k + int(e.fira), _cdiv(e.shape[1], W))
-            dt = w["G"].dtype
-            w["R"] = blk[:e.k, :b - a].to(dt).contiguous()  # (k, n_me)
-            if e.fira:
-                w["g_sq_cols"] = blk[e.k:, :b - a].to(dt)  # (1, n_me)
-            off += size
-            del w["partial"]
-
-    def _all_gather_left(self, left: list[int], work: dict) -> None:
-        """All-gather X (k, n_r) and c (1, n_r) of every left matrix: every rank gets X (k, n) and c (1, n)."""
-        W, E = self.world_size, self.entries
-        sizes = [(E[i].k + int(E[i].fira)) * _cdiv(E[i].shape[1], W) for i in left]
-        S = sum(sizes)
-        send = torch.zeros(S, dtype=PACK, device=self._device())
-        off = 0
-        for i, size in zip(left, sizes):
-            e, w = E[i], work[i]
-            a, b = self._rows(e.shape[1])
-            blk = send[off:off + size].view(e.k + int(e.fira), _cdiv(e.shape[1], W))
-            blk[:e.k, :b - a].copy_(w["X"])
-            if e.fira:
-                blk[e.k, :b - a].copy_(w["c"].reshape(-1))
-            off += size
-        recv = torch.empty(W * S, dtype=PACK, device=send.device)
-        self.comm.all_gather_into_tensor(recv, send)
-        recv = recv.view(W, S)
-        off = 0
-        for i, size in zip(left, sizes):
-            e, w = E[i], work[i]
-            cw = _cdiv(e.shape[1], W)
-            xs, cs = [], []
-            for r in range(W):
-                a, b = self._rows(e.shape[1], r)
-                blk = recv[r, off:off + size].view(e.k + int(e.fira), cw)
-                xs.append(blk[:e.k, :b - a])
-                if e.fira:
-                    cs.append(blk[e.k:, :b - a])
-            dt = w["X"].dtype
-            w["X"] = torch.cat(xs, dim=1).to(dt)  # (k, n)
-            w["c"] = torch.cat(cs, dim=1).to(dt) if e.fira else None  # (1, n)
-            off += size
-
     # ------------------------------------------------------------------ formula
     def expected_comm_bytes(self) -> int:
         """The docstring's formula for the coming step, from shapes, ``p.grad is not None`` and step counters
@@ -583,28 +354,17 @@ class RowSharded(SingleProcess):
         if W == 1:
             return 0
         E = self.entries
-        has = [e.param.grad is not None for e in E]
-        due = [e.low_rank and has[i] and int(self.opt.state[e.param]["step"]) % e.opts.update_proj_gap == 0
-               for i, e in enumerate(E)]
-        total = 4 * W * (2 * len(E) + sum(_cdiv(e.k, W) * e.shape[1] for i, e in enumerate(E)
-                                          if e.kind == "right" and has[i] and not due[i]))
-        left = [e for i, e in enumerate(E) if e.kind == "left" and has[i]]
-        lr_bytes = 4 * W * sum((e.k + int(e.fira)) * _cdiv(e.shape[1], W) for e in left)
-        total += 2 * lr_bytes
-        total += 4 * sum(1 for i, e in enumerate(E) if e.fira and has[i])
-        for i, e in enumerate(E):
-            if not due[i]:
-                continue
-            m_me = self._rows(e.shape[0])[1] - self._rows(e.shape[0])[0]
-            k_me = self._rows(e.k)[1] - self._rows(e.k)[0]
-            if e.owner != me:
-                total += 4 * (m_me * e.shape[1] + (k_me * e.shape[1] if e.kind == "right" else 0))
-            else:
-                for d in range(W):
-                    if d == me:
-                        continue
-                    m_d = self._rows(e.shape[0], d)[1] - self._rows(e.shape[0], d)[0]
-                    total += 4 * (1 + (e.k * e.shape[1] if e.kind == "right" else m_d * e.k))
+        live = [e for e in E if e.low_rank and e.param.grad is not None]
+        due = [e for e in live if int(self.opt.state[e.param]["step"]) % e.opts.update_proj_gap == 0]
+        exact = [e.mat for e in due if not uses_sketch(e.mat)]
+        sketched = [e.mat.plan for e in due if uses_sketch(e.mat)]
+        total = 4 * W * 2 * len(E)
+        rounds = P.exact_refresh_rounds([m.plan for m in exact], [m.owner for m in exact], self.budget)
+        total += P.exact_refresh_comm_bytes([m.plan for m in exact], [m.owner for m in exact], rounds, me)
+        total += P.sketch_comm_bytes(sketched, OVERSAMPLE, POWER_ITERS)
+        shapes = [e.mat.plan for e in live]
+        for chunk in P.sliced_chunks(shapes, self.budget):
+            total += P.sliced_chunk_comm_bytes([shapes[j] for j in chunk])
         return total
 
     def comm_stats(self) -> dict[str, Any]:

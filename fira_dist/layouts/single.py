@@ -18,6 +18,29 @@ from fira_dist.config import ProjectorKind
 from fira_dist.projector import ProjectorError, compute_projector, lowrank_shape, projector_shape
 
 
+def projector_seeds(name: str, step: int) -> tuple[int, int]:
+    """(test-matrix seed, sign seed) of a randomized refresh of parameter ``name`` at ``step``: by name and step, so
+    that resumption is bit-exact and every layout draws the same test matrix; the sign seed by name only, so the
+    directions keep their signs from one refresh to the next (projector.fix_signs_)."""
+    return zlib.crc32(f"{name}:{step}".encode()), zlib.crc32(f"{name}:sign".encode())
+
+
+def new_projector(opt: Any, task: Any, step: int, G: torch.Tensor) -> torch.Tensor | None:
+    """The projector of the whole gradient G (m, n) at a refresh, or None if it cannot be computed (non-finite G, an
+    SVD that fails twice); then one warning names the parameter and says what happens instead."""
+    o = task.opts
+    gen, sign_seed = None, None
+    if o.projector == ProjectorKind.RANDOMIZED:
+        seed, sign_seed = projector_seeds(task.name, step)
+        gen = torch.Generator(device=G.device).manual_seed(seed)
+    try:
+        return compute_projector(G, o.rank, task.side, o.projector, generator=gen, sign_seed=sign_seed)
+    except ProjectorError as err:
+        keep = "keeping the previous projector" if step > 0 else "skipping this matrix's step"
+        opt.warn_once(f"svd:{task.name}", f"projector refresh of {task.name} at step {step} failed ({err}); {keep}")
+        return None
+
+
 def refresh_projector_(opt: Any, task: Any, st: dict[str, Any], G: torch.Tensor) -> bool:
     """Recompute the projector from the whole gradient G (m, n) if this step is a refresh step.
 
@@ -25,17 +48,10 @@ def refresh_projector_(opt: Any, task: Any, st: dict[str, Any], G: torch.Tensor)
     the old projector is kept. Either way one warning names the parameter.
     """
     step = int(st["step"])
-    o = task.opts
-    if step % o.update_proj_gap != 0:
+    if step % task.opts.update_proj_gap != 0:
         return True
-    gen = None
-    if o.projector == ProjectorKind.RANDOMIZED:  # seeded by name and step: resumption is bit-exact
-        gen = torch.Generator(device=G.device).manual_seed(zlib.crc32(f"{task.name}:{step}".encode()))
-    try:
-        P = compute_projector(G, o.rank, task.side, o.projector, generator=gen)
-    except ProjectorError as err:
-        keep = "keeping the previous projector" if step > 0 else "skipping this matrix's step"
-        opt.warn_once(f"svd:{task.name}", f"projector refresh of {task.name} at step {step} failed ({err}); {keep}")
+    P = new_projector(opt, task, step, G)
+    if P is None:
         return step > 0
     st["projector"].copy_(P)
     return True

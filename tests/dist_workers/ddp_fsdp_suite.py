@@ -143,7 +143,7 @@ def part_two() -> dict:
 
 def _two_collect(model, opt, losses) -> dict:
     mine = {"layout": type(opt.layout).__name__, "state_bytes": opt.layout.state_bytes(),
-            "svd_count": opt.layout.svd_count,
+            "svd_count": opt.layout.svd_count, "sketch_count": getattr(opt.layout, "sketch_count", 0),
             "steps": {n: float(t) if (t := opt.state[p]["step"]).numel() == 1 else None  # None: a placeholder
                       for n, p in model.named_parameters()},
             "skipped": dict(opt.layout.skipped),
