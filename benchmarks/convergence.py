@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.eval_every, args.eval_batches, args.update_proj_gap = 1, 3, 2, 3
         grid = grid[:2]
     if args.rank is None:
-        from fira_dist.pretrain.models import get_spec
+        from fira_dist.models import get_spec
 
         args.rank = get_spec(args.model).hidden_size // 4
     out = Path(args.out)

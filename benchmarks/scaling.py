@@ -43,7 +43,7 @@ def shapes() -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of LLaMA-60M's parameters, from the model config on the meta device."""
     from transformers import LlamaForCausalLM
 
-    from fira_dist.pretrain.models import get_model_config
+    from fira_dist.models import get_model_config
 
     with torch.device("meta"):
         model = LlamaForCausalLM(get_model_config("llama_60m"))

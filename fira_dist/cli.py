@@ -7,7 +7,7 @@ import sys
 
 SUBCOMMANDS = {
     "pretrain": ("fira_dist.pretrain.main", "pretrain a LLaMA model (single, DDP, FSDP2 or DeepSpeed)"),
-    "memory": ("fira_dist.memory", "per-rank memory estimate / measurement for a model, optimizer and strategy"),
+    "memory": ("fira_dist.memory.report", "per-rank memory estimate / measurement for a model, optimizer and strategy"),
     "demo": ("fira_dist.demo", "train a small LLaMA with Fira on the embedded default (no network, no GPU)"),
 }
 

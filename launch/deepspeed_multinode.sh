@@ -31,7 +31,7 @@ LAUNCHER=${LAUNCHER:-pdsh}             # pdsh | slurm | openmpi | mpich | impi |
 LAUNCHER_ARGS=${LAUNCHER_ARGS:-}       # extra arguments for that backend (e.g. srun or mpirun flags)
 NO_SSH=${NO_SSH:-0}                    # 1: run only this node's ranks (NODE_RANK); start the script on every node
 NODE_RANK=${NODE_RANK:-}               # this node's index in the hostfile (NO_SSH=1 only)
-MODEL=${MODEL:-llama_7b}               # a name of fira_dist.pretrain.models (llama_60m ... llama_7b) or a config.json
+MODEL=${MODEL:-llama_7b}               # a name of fira_dist.models (llama_60m ... llama_7b) or a config.json
 ZERO_STAGE=${ZERO_STAGE:-2}            # picks the default DS_CONFIG: ds_configs/<model>_zero<stage>.json
 DS_CONFIG=${DS_CONFIG:-}               # DeepSpeed config; default from MODEL and ZERO_STAGE
 OUTPUT_DIR=${OUTPUT_DIR:-}             # default runs/<model>-deepspeed

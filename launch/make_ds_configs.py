@@ -2,7 +2,7 @@
 """Write ds_configs/llama_<size>_zero<stage>.json from the paper table (reproducible; do not hand-edit them).
 
 The Fira numbers (lr, rank, update_proj_gap, alpha, gradient clipping, seq len 256, total batch 512) come
-from ``fira_dist.pretrain.models.MODEL_CONFIGS`` (``source="paper"``: the Fira paper and its
+from ``fira_dist.models.MODEL_CONFIGS`` (``source="paper"``: the Fira paper and its
 ``pre_training_c4/scripts/llama_*.sh``), so there is one place that holds them. This file adds only what the
 paper does not fix for DeepSpeed: the per-GPU micro batch and the ZeRO block of each stage.
 
@@ -60,7 +60,7 @@ def zero_block(stage: int) -> dict:
 
 def make_config(name: str, stage: int) -> dict:
     """The ds_config of model ``name`` (a key of SIZES) under ZeRO ``stage``."""
-    from fira_dist.pretrain.models import get_spec
+    from fira_dist.models import get_spec
 
     spec = get_spec(name)
     hp = spec.fira

@@ -16,7 +16,7 @@
 # to every rank), the trainers checkpoint and exit 3, and so does this script (run again to resume).
 set -euo pipefail
 
-MODEL=${MODEL:-llama_60m}              # a name of fira_dist.pretrain.models (llama_60m ... llama_7b) or a config.json
+MODEL=${MODEL:-llama_60m}              # a name of fira_dist.models (llama_60m ... llama_7b) or a config.json
 NODES=${NODES:-1}                      # nodes (the first NODES hosts of HOSTFILE)
 GPUS_PER_NODE=${GPUS_PER_NODE:-auto}   # ranks per node; auto = visible CUDA GPUs (1 without any)
 HOSTFILE=${HOSTFILE:-}                 # "<host> slots=<N>" per line; empty: this machine only

@@ -13,7 +13,7 @@
 # exit; the script then exits 3 (EXIT_REQUEUE): run it again and `--resume auto` continues from there.
 set -euo pipefail
 
-MODEL=${MODEL:-llama_60m}              # a name of fira_dist.pretrain.models (llama_60m ... llama_7b) or a config.json
+MODEL=${MODEL:-llama_60m}              # a name of fira_dist.models (llama_60m ... llama_7b) or a config.json
 GPUS_PER_NODE=${GPUS_PER_NODE:-auto}   # processes on this node; auto = visible CUDA GPUs (1 without any)
 STRATEGY=${STRATEGY:-deepspeed}        # deepspeed | ddp | fsdp2 | single (single needs GPUS_PER_NODE=1)
 ZERO_STAGE=${ZERO_STAGE:-2}            # picks the default DS_CONFIG: ds_configs/<model>_zero<stage>.json

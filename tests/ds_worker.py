@@ -132,7 +132,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from fira_dist.pretrain.distributed import destroy, exit_without_finalization
+    from fira_dist.processes import destroy, exit_without_finalization
 
     code = main()
     destroy()

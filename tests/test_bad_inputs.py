@@ -291,7 +291,7 @@ def _fake_checkpoint(tmp: Path, over: dict) -> Path:
     ``over`` changed."""
     from fira_dist.pretrain import checkpoint as C
     from fira_dist.pretrain import data as DATA
-    from fira_dist.pretrain import models as M
+    from fira_dist import models as M
 
     cfg = M.get_model_config("llama_tiny", tokenizer=DATA.load_tokenizer(None)).to_dict()
     folder = tmp / "ckpt"

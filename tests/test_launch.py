@@ -96,7 +96,7 @@ def test_ds_configs_match_the_generator():
 @pytest.mark.parametrize("size", SIZES)
 def test_ds_configs_carry_the_paper_hyperparameters(size):
     from fira_dist.deepspeed import parse_fira_block
-    from fira_dist.pretrain.models import get_spec
+    from fira_dist.models import get_spec
 
     hp = get_spec(size).fira
     paper = {  # the Fira paper / pre_training_c4/scripts: lr, rank, update_proj_gap, alpha, grad clip

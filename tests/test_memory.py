@@ -1,4 +1,5 @@
-"""fira_dist.memory: the estimate against real single-process steps (exact), the 7B estimate's speed, the CLI.
+"""fira_dist.memory: the estimate against real single-process steps (exact), the 7B estimate's speed, the CLI, and
+the estimate's state against the layouts' own planning and state code at 7B scale.
 
 The multi-process checks (DDP, FSDP2, ZeRO-1/2/3 on 2 ranks) are in test_memory_distributed.py.
 """
@@ -11,10 +12,13 @@ import time
 import pytest
 import torch
 
-from fira_dist import memory
-from fira_dist.memory import MemoryConfig, estimate
-from fira_dist.memory_measure import (CpuAllocPeak, SavedActivations, measured_optimizer_state_bytes,
-                                      memory_summary, model_tensor_bytes, run_worker)
+from fira_dist.layouts import plan as P
+from fira_dist.memory import MemoryConfig, estimate, model_info
+from fira_dist.memory import model as memory_model
+from fira_dist.memory.measure import (CpuAllocPeak, SavedActivations, measured_optimizer_state_bytes, memory_summary,
+                                      model_tensor_bytes, run_worker)
+from fira_dist.memory.optimizer import optimizer_state, zero3_partition_numel
+from fira_dist.memory.report import main as memory_main
 
 EXACT = ("params", "grads", "master_params", "optimizer_states", "activations_saved", "activations_logits")
 PARTS = {"optimizer_projectors": "projectors", "optimizer_moments": "moments", "optimizer_scalars": "scalars"}
@@ -87,7 +91,7 @@ def test_measure_helpers_on_plain_optimizer():
 
 
 def test_estimate_7b_is_fast_and_allocates_nothing():
-    memory.model_info.cache_clear()
+    model_info.cache_clear()
     t0 = time.perf_counter()
     with CpuAllocPeak() as prof:
         d = estimate(MemoryConfig(model="llama_7b", optimizer="fira", rank=64, strategy="zero2", world_size=64))
@@ -107,14 +111,14 @@ def test_estimate_7b_is_fast_and_allocates_nothing():
 def test_7b_figures_are_consistent():
     """Properties any reader would check: state shrinks with W, ZeRO-3 shards weights, Fira < AdamW,
     owner-computes keeps exactly one copy of the Fira state in the job."""
-    info = memory.model_info("llama_7b", "fira", 64)
+    info = model_info("llama_7b", "fira", 64)
     single = estimate(MemoryConfig(optimizer="fira", rank=64, strategy="single"), info=info)
     for s in ("ddp", "zero1", "zero2"):
         cfg = MemoryConfig(optimizer="fira", rank=64, strategy=s, world_size=8)
-        per_rank = [memory.optimizer_state(info, cfg, r) for r in range(8)]
+        per_rank = [optimizer_state(info, cfg, r, 64) for r in range(8)]
         lowrank = sum(x["projectors"] for x in per_rank)
         assert lowrank == single["optimizer_projectors"], s
-    ddp = [memory.optimizer_state(info, MemoryConfig(optimizer="fira", rank=64, strategy="ddp", world_size=8), r)
+    ddp = [optimizer_state(info, MemoryConfig(optimizer="fira", rank=64, strategy="ddp", world_size=8), r, 64)
            for r in range(8)]
     # one copy of every projector and moment in the job (step counters of row-split tensors are on every rank)
     assert sum(x["projectors"] + x["moments"] for x in ddp) == single["optimizer_projectors"] + single["optimizer_moments"]
@@ -130,7 +134,7 @@ def test_7b_figures_are_consistent():
 
 
 def test_cli_json_has_the_keys(capsys):
-    rc = memory.main(["--model", "llama_7b", "--optimizer", "fira", "--rank", "64", "--strategy", "zero2",
+    rc = memory_main(["--model", "llama_7b", "--optimizer", "fira", "--rank", "64", "--strategy", "zero2",
                       "--world-size", "64", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -142,15 +146,15 @@ def test_cli_json_has_the_keys(capsys):
 
 
 def test_cli_table_compare_sweep_plot(capsys, tmp_path):
-    assert memory.main(["--model", "llama_7b", "--rank", "64", "--strategy", "zero3", "--world-size", "8"]) == 0
+    assert memory_main(["--model", "llama_7b", "--rank", "64", "--strategy", "zero3", "--world-size", "8"]) == 0
     text = capsys.readouterr().out
     assert "optimizer: projectors" in text and "peak" in text
     png = tmp_path / "m.png"
-    assert memory.main(["--model", "llama_60m", "--compare", "--world-size", "8", "--plot", str(png)]) == 0
+    assert memory_main(["--model", "llama_60m", "--compare", "--world-size", "8", "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert sum(line.startswith(("adamw", "galore", "fira")) for line in text.splitlines()) == 12
     assert png.stat().st_size > 10_000
-    assert memory.main(["--model", "llama_60m", "--strategy", "fsdp2", "--sweep-world-size", "2,8,1024",
+    assert memory_main(["--model", "llama_60m", "--strategy", "fsdp2", "--sweep-world-size", "2,8,1024",
                         "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [c["config"]["world_size"] for c in out["configurations"]] == [2, 8, 1024]
@@ -159,7 +163,7 @@ def test_cli_table_compare_sweep_plot(capsys, tmp_path):
 
 
 def test_cli_measure_single(capsys):
-    assert memory.main(["--model", "llama_tiny", "--strategy", "single", "--optimizer", "fira", "--seq-len", "32",
+    assert memory_main(["--model", "llama_tiny", "--strategy", "single", "--optimizer", "fira", "--seq-len", "32",
                         "--measure", "--measure-steps", "2"]) == 0
     text = capsys.readouterr().out
     assert "measured" in text and "optimizer: moments" in text
@@ -178,7 +182,7 @@ def test_config_errors_name_the_value(kw, msg):
 
 
 def test_cli_reports_bad_model(capsys):
-    assert memory.main(["--model", "llama_13x"]) == 2
+    assert memory_main(["--model", "llama_13x"]) == 2
     assert "llama_13x" in capsys.readouterr().err
 
 
@@ -189,7 +193,7 @@ def _layout_state_bytes_on_meta(strategy: str, world_size: int, rank: int) -> di
     from fira_dist.layouts.flat_partition import UNITS, FlatPartition
     from fira_dist.layouts.replicated import Replicated
 
-    model = memory._meta_model(memory._llama_config("llama_7b", None))
+    model = memory_model.meta_model(memory_model.llama_config("llama_7b", None))
     groups = param_groups(model, rank=64)
     names = {id(p): n for g in groups for n, p in g["params"]}
     opt = Fira(groups, lr=1e-3)
@@ -205,13 +209,14 @@ def _layout_state_bytes_on_meta(strategy: str, world_size: int, rank: int) -> di
     fp = FlatPartition(opt)
     fp.comm = Stub()
     fp.comm.world_size, fp.comm.rank = world_size, rank
+    fp.stage = 3 if strategy == "zero3" else 2
     z = Stub()  # the partition tables DeepSpeed's wrapper would hold, by DeepSpeed's sizing rules
     if strategy in ("zero1", "zero2"):
         z.round_robin_bit16_groups = [g["params"] for g in opt.param_groups]
         z.round_robin_bit16_offsets = [[sum(p.numel() for p in g["params"][:j]) for j in range(len(g["params"]))]
                                        for g in opt.param_groups]
         z.round_robin_bit16_meta = z.round_robin_bit16_groups
-        z.partition_size = [memory.zero12_partition([p.numel() for p in g["params"]], world_size)[1]
+        z.partition_size = [P.zero12_partition([p.numel() for p in g["params"]], world_size)[1]
                             for g in opt.param_groups]
         z.single_partition_of_fp32_groups = [torch.empty(ps, device="meta") for ps in z.partition_size]
         fp._bind_zero12(z, names)
@@ -220,7 +225,7 @@ def _layout_state_bytes_on_meta(strategy: str, world_size: int, rank: int) -> di
         for gi, g in enumerate(opt.param_groups):
             for p in g["params"]:
                 p.ds_shape, p.ds_numel = p.shape, p.numel()
-                p.partition_numel = lambda n=p.numel(): memory.zero3_partition_numel(n, world_size)
+                p.partition_numel = lambda n=p.numel(): zero3_partition_numel(n, world_size)
             z.fp16_groups.append(g["params"])
             z.sub_group_to_group_id.append(gi)
             z.fp32_partitioned_groups_flat.append(torch.empty(sum(p.partition_numel() for p in g["params"]), device="meta"))
@@ -230,11 +235,9 @@ def _layout_state_bytes_on_meta(strategy: str, world_size: int, rank: int) -> di
     for b in fp.buckets.values():
         states: dict = {}
         for u in b.units:
-            o = opt.group_options(u.group)
-            if u.low_rank and u.owner == rank:
-                fp._unit_state(states, u, o, torch.device("meta"), 0)
-            elif not u.low_rank and u.piece_of(rank) is not None:
-                fp._unit_state(states, u, o, torch.device("meta"), u.piece_of(rank).length)
+            if fp._holds_state(u):
+                pc = u.piece_of(rank)
+                fp._unit_state(states, u, opt.group_options(u.group), torch.device("meta"), pc.length if pc else 0)
         holder.state[b.index] = {UNITS: states}
     return measured_optimizer_state_bytes(holder)
 
@@ -245,9 +248,9 @@ def test_state_matches_layout_code_at_scale(strategy, world_size):
     """The estimate's owner maps and pieces are those of layouts.replicated / layouts.flat_partition: their
     planning code, run for llama_7b on the meta device, creates state of exactly the estimated bytes on each
     rank (first, second, last)."""
-    info = memory.model_info("llama_7b", "fira", 64)
+    info = model_info("llama_7b", "fira", 64)
     for r in (0, 1, world_size - 1):
         got = _layout_state_bytes_on_meta(strategy, world_size, r)
-        est = memory.optimizer_state(info, MemoryConfig(strategy=strategy, world_size=world_size, rank=64), r)
+        est = optimizer_state(info, MemoryConfig(strategy=strategy, world_size=world_size, rank=64), r, 64)
         assert {k: got[k] for k in est} == est, (strategy, world_size, r)
         assert got["other"] == 0

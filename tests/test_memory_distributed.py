@@ -2,7 +2,7 @@
 estimated optimizer-state bytes equal the bytes of the optimizer's actual state tensors exactly (projectors,
 moments, scalars apart), and parameters + gradients agree within 1% (they agree exactly here).
 
-All configurations run in ONE launch (``fira_dist.memory_measure.launch``, the code path of
+All configurations run in ONE launch (``fira_dist.memory.measure.launch``, the code path of
 ``fira-dist memory --measure``), one configuration after another in the same two processes, to pay the
 process start-up once. A configuration whose layout module is missing is skipped, naming the module.
 """
@@ -58,7 +58,7 @@ def config(strategy: str, optimizer: str, precision: str) -> MemoryConfig:
 
 @pytest.fixture(scope="module")
 def measured():
-    from fira_dist.memory_measure import launch
+    from fira_dist.memory.measure import launch
 
     runnable = [c for c in CASES if missing(c[0], c[1]) is None]
     if not runnable:

@@ -1,4 +1,4 @@
-"""Tests of the pretraining model configs (fira_dist.pretrain.models) and data layer
+"""Tests of the pretraining model configs (fira_dist.models) and data layer
 (fira_dist.pretrain.data, the embedded corpus and tokenizer in fira_dist/data)."""
 
 import gzip
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fira_dist.pretrain import data as D
-from fira_dist.pretrain import models as M
+from fira_dist import models as M
 
 
 # ----------------------------------------------------------------------------- configs

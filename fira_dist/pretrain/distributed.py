@@ -24,7 +24,6 @@ the group (gloo on CPU, NCCL on CUDA) with a timeout: a collective that waits lo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import logging
@@ -32,8 +31,9 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from typing import Mapping
+
+from fira_dist.processes import destroy, exit_without_finalization  # noqa: F401  (the trainer's D.destroy ...)
 
 log = logging.getLogger(__name__)
 
@@ -273,26 +273,3 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def destroy() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def exit_without_finalization(code: int) -> None:
-    """Flush logs and standard streams and leave with ``os._exit(code)``, skipping interpreter finalization.
-
-    After ``destroy_process_group`` a gloo rank can still die at exit with "terminate called without an
-    active exception" (SIGABRT, a teardown race between gloo's threads and finalization; seen about once in
-    a few hundred CI runs of 2-rank jobs, after all work and the final checkpoint were done). The launcher
-    then reports a failed job, so a finished rank leaves without finalization."""
-    for handler in logging.getLogger().handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)

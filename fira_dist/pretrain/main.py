@@ -95,7 +95,7 @@ class Trainer:
     def _build_model_and_optimizer(self) -> None:
         import torch
 
-        from fira_dist.pretrain import models as M
+        from fira_dist import models as M
 
         plan = self.plan
         n_params = M.count_params(plan.model_config)

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsdp2 only: build the full model on every rank then shard it (full), or shard on the meta "
                         "device and initialise the shards (meta; needed for big models). auto: meta above 1B params")
 
-    g = p.add_argument_group("optimizer (defaults: the model's Fira hyper-parameters, fira_dist.pretrain.models)")
+    g = p.add_argument_group("optimizer (defaults: the model's Fira hyper-parameters, fira_dist.models)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default fira")
     g.add_argument("--rank", type=int, help="Fira/GaLore projection rank")
     g.add_argument("--update-proj-gap", type=int, help="steps between projector (SVD) refreshes")
@@ -255,7 +255,7 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
     """Validate every flag (and the ds_config, data paths, tokenizer, resume checkpoint) and fill defaults.
     Raises UsageError naming the flag, the value and what is accepted. Allocates nothing big."""
     from fira_dist.pretrain import data as DATA
-    from fira_dist.pretrain import models as M
+    from fira_dist import models as M
 
     notes: list[str] = []
     # -- plain ranges first (cheap, independent)
@@ -626,7 +626,7 @@ def dry_run(plan: Plan) -> int:
     """Print the plan: nothing is allocated (model on the meta device), no process group is started."""
     import torch
 
-    from fira_dist.pretrain import models as M
+    from fira_dist import models as M
 
     t0 = time.perf_counter()
     model = M.build_model(plan.model_config, device="meta", dtype="bf16" if plan.bf16 else "fp32")
@@ -712,27 +712,24 @@ def _data_desc(plan: Plan) -> str:
 
 
 def _memory_estimate(plan: Plan) -> str:
-    try:
-        from fira_dist import memory as MEM
-    except ImportError:
-        MEM = None
+    from fira_dist.memory import MemoryConfig, estimate
+    from fira_dist.memory.report import format_single
+
     strategy = plan.strategy if plan.strategy != "deepspeed" else (
         "ddp" if plan.zero_stage == 0 else f"zero{plan.zero_stage}")
-    if MEM is not None:
-        logging.getLogger("fira_dist.optimizer").setLevel(logging.WARNING)  # its per-matrix listing is the plan's
-        try:
-            cfg = MEM.MemoryConfig(model=plan.spec_name or "llama_60m", optimizer=plan.optimizer, rank=plan.rank,
-                                   target_modules=plan.target_modules, strategy=strategy,
-                                   world_size=plan.world_size, precision="bf16-mixed" if plan.bf16 else "fp32",
-                                   micro_batch=plan.micro_batch_size, seq_len=plan.seq_len,
-                                   activation_checkpointing=plan.activation_checkpointing,
-                                   attention=plan.attn_implementation, vocab_size=plan.model_config.vocab_size)
-            if plan.spec_name is None:
-                return "(fira_dist.memory estimates table models only; --model is a config file)"
-            return MEM.format_single(MEM.estimate(cfg))
-        except Exception as e:  # the estimator is another module: report, do not fail the dry run
-            return f"(fira_dist.memory could not estimate this configuration: {type(e).__name__}: {e})"
-    return "(fira_dist.memory is not available)"
+    logging.getLogger("fira_dist.optimizer").setLevel(logging.WARNING)  # its per-matrix listing is the plan's
+    try:
+        cfg = MemoryConfig(model=plan.spec_name or "llama_60m", optimizer=plan.optimizer, rank=plan.rank,
+                           target_modules=plan.target_modules, strategy=strategy,
+                           world_size=plan.world_size, precision="bf16-mixed" if plan.bf16 else "fp32",
+                           micro_batch=plan.micro_batch_size, seq_len=plan.seq_len,
+                           activation_checkpointing=plan.activation_checkpointing,
+                           attention=plan.attn_implementation, vocab_size=plan.model_config.vocab_size)
+        if plan.spec_name is None:
+            return "(fira_dist.memory estimates table models only; --model is a config file)"
+        return format_single(estimate(cfg))
+    except Exception as e:  # the estimator is another module: report, do not fail the dry run
+        return f"(fira_dist.memory could not estimate this configuration: {type(e).__name__}: {e})"
 
 
 def _lowrank_split(model, plan: Plan):

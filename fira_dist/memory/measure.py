@@ -1,4 +1,4 @@
-"""Measured memory of real training steps, per rank, in the categories of ``fira_dist.memory.estimate``.
+"""Measured memory of real training steps, per rank, in the categories of ``memory.estimate``.
 
 Library functions (a training loop can call them for its progress bar and summary):
 
@@ -13,7 +13,7 @@ Library functions (a training loop can call them for its progress bar and summar
 - ``CpuAllocPeak``: the CPU allocator's live bytes and their peak (torch.profiler memory events: every
   allocation and free of the c10 CPU allocator); ``cuda_peak_bytes()``; ``rss_bytes()`` / ``peak_rss_bytes()``.
 
-``python -m fira_dist.memory_measure --worker ...`` (launched under torchrun for several ranks) trains a few
+``python -m fira_dist.memory.measure --worker ...`` (launched under torchrun for several ranks) trains a few
 steps of one configuration and writes each rank's measured figures as JSON; ``measure_configuration``
 launches it and pairs each rank's figures with the estimate for that rank.
 """
@@ -36,7 +36,8 @@ from typing import Any, Iterable
 
 import torch
 
-from fira_dist.memory import MemoryConfig, estimate, format_single, human
+from fira_dist.memory.config import MemoryConfig
+from fira_dist.memory.estimate import estimate
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 PROJECTOR_KEYS = ("projector",)
@@ -273,7 +274,7 @@ def _dist_env() -> tuple[int, int]:
 def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Any, Any, Any, Any]:
     """(model to call, the underlying module, optimizer, engine or None) for cfg.strategy."""
     from fira_dist import Fira, param_groups
-    from fira_dist.pretrain.models import build_model, get_model_config
+    from fira_dist.models import build_model, get_model_config
 
     config = get_model_config(cfg.model, vocab_size=cfg.vocab_size)
     config._attn_implementation = cfg.attention
@@ -409,9 +410,9 @@ def _config_from_dict(raw: dict[str, Any]) -> MemoryConfig:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """Entry of ``python -m fira_dist.memory_measure``: run each configuration of ``--config`` (a JSON object
+    """Entry of ``python -m fira_dist.memory.measure``: run each configuration of ``--config`` (a JSON object
     or list) in turn in this process (one process group for all), write ``<out>/rank<r>.json`` (a list)."""
-    p = argparse.ArgumentParser(prog="python -m fira_dist.memory_measure")
+    p = argparse.ArgumentParser(prog="python -m fira_dist.memory.measure")
     p.add_argument("--config", required=True, help="a MemoryConfig as a JSON object, or a JSON list of them")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", required=True, help="folder for rank<r>.json")
@@ -429,7 +430,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-        from fira_dist.pretrain.distributed import exit_without_finalization
+        from fira_dist.processes import exit_without_finalization
 
         exit_without_finalization(0)  # gloo's threads can abort interpreter finalization
     return 0
@@ -455,13 +456,13 @@ def launch(cfgs: MemoryConfig | list[MemoryConfig], steps: int = 3, timeout: flo
     cfg_json = json.dumps([dataclasses.asdict(c) for c in cfgs])
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
     for attempt in range(retries + 1):
         with tempfile.TemporaryDirectory(prefix="fira_mem_") as tmp:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
                    str(world), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                   "-m", "fira_dist.memory_measure", "--config", cfg_json, "--steps", str(steps), "--out", tmp]
+                   "-m", "fira_dist.memory.measure", "--config", cfg_json, "--steps", str(steps), "--out", tmp]
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   timeout=timeout)
             if proc.returncode == 0:
@@ -513,27 +514,6 @@ def _available_ram() -> int:
     except OSError:
         pass
     return 8 << 30
-
-
-def format_measurement(m: dict[str, Any]) -> str:
-    req, cfg = m["requested"], m["config"]
-    lines = []
-    if (req["model"], req["world_size"]) != (cfg["model"], cfg["world_size"]):
-        lines.append(f"requested {req['model']} x {req['world_size']} ranks; measured at {cfg['model']} x "
-                     f"{cfg['world_size']} ranks (what fits here), next to the estimate of that configuration")
-    for r in m["ranks"]:
-        meas = dict(r["measured"])
-        meas.setdefault("optimizer_projectors", meas.get("projectors"))
-        meas["optimizer_projectors"] = meas.get("projectors")
-        meas["optimizer_moments"] = meas.get("moments")
-        meas["optimizer_scalars"] = meas.get("scalars")
-        meas["activations"] = None  # transients are only seen in the peak
-        meas["peak"] = meas.get("peak_allocated")
-        lines.append(format_single(r["estimated"], measured=meas))
-        where = "CUDA max_memory_allocated" if str(r["measured"].get("device", "")).startswith("cuda") else \
-            "CPU allocator, torch.profiler memory events"
-        lines.append(f"measured peak: {where}; peak RSS {human(meas['peak_rss'])} (includes the Python/torch runtime)")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
