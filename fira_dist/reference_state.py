@@ -104,33 +104,31 @@ def _moments(st: Mapping[str, Any], name: str, what: str) -> tuple[torch.Tensor,
     return m, v
 
 
-def _side_and_shape(q: tuple[int, ...], e: tuple[int, ...], rank: int, proj_type: str, shape: tuple[int, ...] | None,
-                    name: str) -> tuple[str, tuple[int, int]]:
-    """The side and weight shape (m, n) that a projector of shape q and moments of shape e imply, checked against
-    the parameter's shape where known. Right: q = (k, n), e = (m, k); left: q = (m, k), e = (k, n); k = min(rank, m, n)."""
+def _check_shapes(q: tuple[int, ...], e: tuple[int, ...], rank: int, proj_type: str, shape: tuple[int, ...] | None,
+                  name: str) -> None:
+    """That a projector of shape q and moments of shape e are those of a (m, n) weight with this rank and proj_type
+    (the parameter's shape where known, else any): right q = (k, n), e = (m, k); left q = (m, k), e = (k, n);
+    k = min(rank, m, n)."""
     def fits(side: str, full: tuple[int, int]) -> bool:
         return (side_for(full, proj_type) == side and projector_shape(full, rank, side) == q
                 and lowrank_shape(full, rank, side) == e)
 
+    if shape is not None and len(shape) != 2:
+        raise ValueError(f"reference state of {name} has a projector, but the parameter has shape {tuple(shape)}: "
+                         "only 2-D weights are projected (different model?)")
     if shape is not None:
-        if len(shape) == 2:
-            side = side_for(shape, proj_type)
-            if fits(side, tuple(shape)):
-                return side, tuple(shape)
+        side = side_for(shape, proj_type)
+        if not fits(side, tuple(shape)):
             raise ValueError(
                 f"reference state of {name} (shape {tuple(shape)}) has a projector of shape {q} and moments of shape "
                 f"{e}; with rank {rank} and proj_type {proj_type!r} ({side} projection) fira_dist expects "
                 f"{projector_shape(shape, rank, side)} and {lowrank_shape(shape, rank, side)} (different rank, "
                 "proj_type or model?)")
-        raise ValueError(f"reference state of {name} has a projector, but the parameter has shape {tuple(shape)}: "
-                         "only 2-D weights are projected (different model?)")
-    candidates = [(side, full) for side, full in (("right", (e[0], q[1])), ("left", (q[0], e[1]))) if fits(side, full)]
-    if not candidates:
+    elif not (fits("right", (e[0], q[1])) or fits("left", (q[0], e[1]))):
         raise ValueError(
             f"reference state of {name} has a projector of shape {q} and moments of shape {e}, which fit no (m, n) "
             f"weight with rank {rank} and proj_type {proj_type!r}: expected (k, n) and (m, k) for a right projection "
             "or (m, k) and (k, n) for a left one, k = min(rank, m, n)")
-    return candidates[0]  # both fit only for a square k = m = n, where side_for picks one side
 
 
 def _low_rank_entry(st: Mapping[str, Any], group: Mapping[str, Any], name: str, shape: tuple[int, ...] | None,
@@ -166,7 +164,7 @@ def _low_rank_entry(st: Mapping[str, Any], group: Mapping[str, Any], name: str, 
         raise ValueError(f"the projector of {name} holds {_describe(q) if q is not None else 'no matrix'}; expected "
                          f"a 2-D tensor (proj_type {proj.proj_type!r})")
     m, v = _moments(st, name, f"a {SOURCES[kind]} low-rank state")
-    _side_and_shape(tuple(q.shape), tuple(m.shape), int(group["rank"]), proj.proj_type, shape, name)
+    _check_shapes(tuple(q.shape), tuple(m.shape), int(group["rank"]), proj.proj_type, shape, name)
     if kind == "fira" and "scaling_grad" in st:
         prev = st["scaling_grad"]
         if not (isinstance(prev, torch.Tensor) and prev.numel() == 1) and not isinstance(prev, (int, float)):
@@ -259,6 +257,10 @@ def convert_state_dict(
     return {"state": out_state, "param_groups": out_groups}
 
 
+def _rank_text(rank: Any) -> str:
+    return "no 'rank' (plain Adam)" if rank is None else f"rank={rank!r}"
+
+
 def prepare_for_load(opt: Any, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """What ``Fira.load_state_dict`` loads: a reference state dict converted (with ``opt``'s parameter names,
     shapes and state dtypes), and every saved group's missing Fira options (``algorithm``, ``state_dtype``,
@@ -273,10 +275,10 @@ def prepare_for_load(opt: Any, state_dict: Mapping[str, Any]) -> Mapping[str, An
             return state_dict
         for gi, (s, g) in enumerate(zip(saved, opt.param_groups)):
             if s.get("rank") != g.get("rank"):
-                raise ValueError(
-                    f"param_groups[{gi}] of the reference state dict has rank={s.get('rank')!r} and this optimizer's "
-                    f"has rank={g.get('rank')!r}: its projectors and moments are of that rank (None: plain Adam); build "
-                    f"the optimizer with rank={s.get('rank')!r} in that group to continue the run")
+                theirs, ours = (_rank_text(x.get("rank")) for x in (s, g))
+                raise ValueError(f"param_groups[{gi}] of the reference state dict has {theirs} and this optimizer's "
+                                 f"has {ours}; its state was made for the former: build this optimizer's group with "
+                                 f"{theirs} to continue the run")
         names, shapes = {}, {}
         for s, g in zip(saved, opt.param_groups):
             for i, (pid, p) in enumerate(zip(s["params"], g["params"])):
