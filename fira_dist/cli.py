@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "pretrain": ("fira_dist.pretrain.main", "pretrain a LLaMA model (single, DDP, FSDP2 or DeepSpeed)"),
     "memory": ("fira_dist.memory.report", "per-rank memory estimate / measurement for a model, optimizer and strategy"),
     "demo": ("fira_dist.demo", "train a small LLaMA with Fira on the embedded default (no network, no GPU)"),
+    "convert-state": ("fira_dist.reference_state", "convert a fira.FiraAdamW / galore-torch GaLoreAdamW checkpoint"),
 }
 
 
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: fira-dist <command> [options]\n\ncommands:")
         for name, (_, doc) in SUBCOMMANDS.items():
-            print(f"  {name:<10} {doc}")
+            print(f"  {name:<15} {doc}")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in SUBCOMMANDS:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from fira_dist import reference_state
 from fira_dist.config import GROUP_DEFAULTS, GroupOptions, normalize_group
 from fira_dist.projector import lowrank_shape, projector_shape, side_for
 
@@ -163,7 +164,10 @@ class Fira(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but state tensors keep their saved dtype (fp32 moments stay fp32 beside bf16 weights),
-        and a state whose shapes do not fit this optimizer's parameters is refused naming the parameter."""
+        and a state whose shapes do not fit this optimizer's parameters is refused naming the parameter.
+        A ``fira.FiraAdamW`` / galore-torch ``GaLoreAdamW`` state dict is converted first, and options a saved
+        group lacks come from this optimizer's group (``fira_dist.reference_state.prepare_for_load``)."""
+        state_dict = reference_state.prepare_for_load(self, state_dict)
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
