@@ -48,10 +48,12 @@ ACCEPTED_KEYS: dict[str, Any] = {
     "state_dtype": GROUP_DEFAULTS["state_dtype"],
     "correct_bias": True,
     "target_modules": DEFAULT_TARGET_MODULES,
+    "comm_bucket_bytes": None,  # None: zero_optimization.reduce_bucket_size x the gradients' element size
 }
 _HINTS = {"gamma": "limiter_gamma", "galore_scale": "alpha", "proj_gap": "update_proj_gap", "lowrank": "rank",
           "rank_r": "rank", "targets": "target_modules", "modules": "target_modules", "beta1": "betas",
-          "beta2": "betas", "adam_w_mode": None, "torch_adam": None}
+          "beta2": "betas", "adam_w_mode": None, "torch_adam": None, "bucket_size": "comm_bucket_bytes",
+          "reduce_bucket_size": "comm_bucket_bytes", "comm_bucket_size": "comm_bucket_bytes"}
 _FIRA_ONLY = ("limiter_gamma", "residual")  # meaningless with algorithm "galore"
 
 
@@ -87,6 +89,11 @@ def parse_fira_block(params: Mapping[str, Any] | None, where: str = WHERE) -> Fi
         if isinstance(val, str) and val == "auto":
             raise ValueError(f"{where}[{key!r}]='auto' is not accepted here: 'auto' is filled in by the Hugging Face "
                              "Trainer only; give a value")
+    budget = params.pop("comm_bucket_bytes", None)
+    if budget is not None:
+        from fira_dist.layouts.plan import check_comm_bucket_bytes
+
+        budget = check_comm_bucket_bytes(budget, f"{where}['comm_bucket_bytes']")
     tm = params.pop("target_modules", DEFAULT_TARGET_MODULES)
     if isinstance(tm, str) or not isinstance(tm, (list, tuple)) or not tm or \
             not all(isinstance(t, str) and t for t in tm):
@@ -99,7 +106,7 @@ def parse_fira_block(params: Mapping[str, Any] | None, where: str = WHERE) -> Fi
                 raise ValueError(f"{where}[{key!r}]={params[key]!r} is only used by algorithm 'fira'; with "
                                  "algorithm='galore' (low-rank Adam, no residual, no limiter) remove it")
     group = {k: (ACCEPTED_KEYS[k] if k not in params else params[k]) for k in ACCEPTED_KEYS
-             if k not in ("target_modules", "scale")}
+             if k not in ("target_modules", "scale", "comm_bucket_bytes")}
     if "scale" in params:
         group["scale"] = params["scale"]
         if "alpha" not in params:
@@ -122,6 +129,8 @@ def parse_fira_block(params: Mapping[str, Any] | None, where: str = WHERE) -> Fi
     defaults["update_proj_gap"] = group["update_proj_gap"]
     defaults["alpha"] = group["alpha"]
     defaults["proj_type"] = group["proj_type"]
+    if budget is not None:
+        defaults["comm_bucket_bytes"] = budget
     return FiraBlock(defaults=defaults, lowrank={k: group[k] for k in lowrank_keys}, target_modules=tuple(tm))
 
 

@@ -45,6 +45,56 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).float()
 
 
+ODD_IN, ODD_OUT = 37, 2
+
+
+class OddMLP(torch.nn.Module):
+    """Four linears whose ZeRO-3 slices cut rows everywhere at 2 and 3 ranks: (50, 37) right projection, (31, 50)
+    left, (31, 31) right and square, (2, 31) left with rank covering it (the exact SVD) and fewer elements per rank
+    than a row at 3 ranks. ``forward(batch)``: batch (B, 37 + 2) = [x, y] -> mean squared error of mlp(x) - y."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp0 = torch.nn.Linear(ODD_IN, 50, bias=False)
+        self.mlp1 = torch.nn.Linear(50, 31, bias=False)
+        self.mlp2 = torch.nn.Linear(31, 31, bias=False)
+        self.mlp3 = torch.nn.Linear(31, ODD_OUT, bias=True)  # a bias: plain Adam beside the matrices
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        dt = self.mlp0.weight.dtype
+        x, y = batch[:, :ODD_IN].to(dt), batch[:, ODD_IN:].to(dt)
+        h = torch.tanh(self.mlp1(torch.tanh(self.mlp0(x))))
+        out = self.mlp3(torch.tanh(self.mlp2(h)))
+        return ((out.float() - y.float()) ** 2).mean()
+
+
+def odd_mlp(seed: int = 0) -> OddMLP:
+    torch.manual_seed(seed)
+    return OddMLP().float()
+
+
+def make_odd_batches(steps: int, global_batch: int, seed: int = 0) -> torch.Tensor:
+    """(steps, global_batch, 39) rows [x, y]: x with a geometric spectrum (feature i scaled by 0.8^i), so gradients
+    have well-separated singular values and the projectors do not move under rounding; y from a fixed teacher."""
+    g = torch.Generator().manual_seed(4321 + seed)
+    x = torch.randn(steps * global_batch, ODD_IN, generator=g) * (0.8 ** torch.arange(ODD_IN, dtype=torch.float32))
+    teacher = torch.randn(ODD_IN, ODD_OUT, generator=g)
+    y = torch.tanh(x @ teacher)
+    return torch.cat([x, y], dim=1).view(steps, global_batch, ODD_IN + ODD_OUT)
+
+
+def build(kind: str, seed: int = 0) -> torch.nn.Module:
+    return tiny_llama(seed) if kind == "llama" else odd_mlp(seed)
+
+
+def batches(kind: str, steps: int, global_batch: int, seed: int = 0) -> torch.Tensor:
+    return make_batches(steps, global_batch, seed) if kind == "llama" else make_odd_batches(steps, global_batch, seed)
+
+
+def loss_of(model: Any, mb: torch.Tensor, kind: str) -> torch.Tensor:
+    return model(input_ids=mb, labels=mb).loss if kind == "llama" else model(mb)
+
+
 def make_batches(steps: int, global_batch: int, seed: int = 0) -> torch.Tensor:
     """(steps, global_batch, SEQ) token ids from a sparse random Markov chain (a learnable structure: gradients
     with a few dominant directions). The same on every rank and in the single-process reference."""
@@ -83,8 +133,8 @@ def ds_config(stage: int, dtype: str = "fp32", micro: int = 2, gas: int = 1, wor
 
 
 def single_process_run(steps: int, global_batch: int, fira: dict[str, Any] | None = None, clip: float = 0.0,
-                       seed: int = 0, svd_log: list | None = None, init: dict[str, torch.Tensor] | None = None
-                       ) -> dict[str, Any]:
+                       seed: int = 0, svd_log: list | None = None, init: dict[str, torch.Tensor] | None = None,
+                       kind: str = "llama") -> dict[str, Any]:
     """The reference: fira_dist.Fira on one process, whole global batch per step (mean loss), fp32.
 
     svd_log, if given, receives (name, step, sigma_r, sigma_r+1) at every projector refresh: the spectral gap at
@@ -94,7 +144,7 @@ def single_process_run(steps: int, global_batch: int, fira: dict[str, Any] | Non
     from fira_dist.deepspeed import build_optimizer, parse_fira_block
 
     block = parse_fira_block(fira if fira is not None else FIRA_PARAMS)
-    model = tiny_llama(seed)
+    model = build(kind, seed)
     if init is not None:  # start from given weights (a run whose model was built under deepspeed.zero.Init)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -105,13 +155,15 @@ def single_process_run(steps: int, global_batch: int, fira: dict[str, Any] | Non
     opt.layout = SingleProcess(opt)
     assert isinstance(opt, Fira)
     names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:  # the names DeepSpeed's engine gives the layout (they seed randomized projectors)
+        g["param_names"] = [names[id(p)] for p in g["params"]]
     rank = block.lowrank["rank"]
     gap = block.lowrank["update_proj_gap"]
-    data = make_batches(steps, global_batch, seed)
+    data = batches(kind, steps, global_batch, seed)
     losses = []
     for step in range(steps):
         batch = data[step]
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = loss_of(model, batch, kind)
         loss.backward()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -206,3 +258,62 @@ def svd_conditioning(steps: int, global_batch: int, fira: dict[str, Any] | None 
         opt.step()
         opt.zero_grad(set_to_none=True)
     return out
+
+
+def _fira_entries(obj: Any) -> list[dict[str, Any]]:
+    """Every {"fira_units": ..., "fira_layout": ...} dict inside a loaded DeepSpeed optimizer-state file, in order."""
+    out = []
+    if isinstance(obj, dict):
+        if "fira_units" in obj:
+            return [obj]
+        for v in obj.values():
+            out += _fira_entries(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            out += _fira_entries(v)
+    return out
+
+
+def rewrite_as_layout_v1(folder: Path, world: int, shapes: dict[str, tuple[int, int]], rank: int) -> int:
+    """Rewrite a DeepSpeed checkpoint's Fira state (layout version 2) the way fira_dist 0.1.0 (layout version 1)
+    wrote it: every matrix's whole state on one rank (here: the j-th matrix of a flat group on rank j % W, so
+    most move), no "layout_version" in the meta. ZeRO-3 slices are assembled into whole tensors with the plan's
+    ranges (``layouts.plan.zero3_ranges``). Returns how many matrices were rewritten."""
+    from fira_dist.layouts import plan as P
+    from fira_dist.projector import side_for
+
+    files = [folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    loaded = [torch.load(f, weights_only=False) for f in files]
+    entries = [_fira_entries(d) for d in loaded]
+    count = 0
+    for idx in range(len(entries[0])):
+        units = [entries[r][idx]["fira_units"] for r in range(world)]
+        stage = entries[0][idx]["fira_layout"]["zero_stage"]
+        names = [n for n in shapes if any(n in u and "projector" in u[n] for u in units)]
+        for j, name in enumerate(names):
+            parts = [u.pop(name, None) for u in units]
+            if stage != 3:
+                full = next(p for p in parts if p is not None)
+            else:
+                m, n = shapes[name]
+                side, k = side_for((m, n), "std"), min(rank, m, n)
+                full = {"step": parts[0]["step"], "limiter_norm": parts[0]["limiter_norm"]}
+                if side == "right":
+                    full["projector"] = torch.cat([p["projector"] for p in parts])
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        full[key] = torch.cat([p[key] for p in parts])
+                else:
+                    P_full = torch.empty(m, k)
+                    for p, (lo, hi) in reversed(list(zip(parts, P.zero3_ranges(m * n, world)))):
+                        t0, t1 = P.touched_rows(lo, hi, n)
+                        P_full[t0:t1] = p["projector"]
+                    full["projector"] = P_full
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        full[key] = torch.cat([p[key] for p in parts], dim=1)
+            units[j % world][name] = full
+            count += 1
+        for r in range(world):
+            entries[r][idx]["fira_layout"].pop("layout_version", None)
+    for d, f in zip(loaded, files):
+        torch.save(d, f)
+    return count

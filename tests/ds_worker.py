@@ -7,9 +7,11 @@ jobs.json is a list of jobs; each builds a fresh tiny LLaMA and engine and train
      "entry": "initialize" (fira_dist.deepspeed.initialize) | "plain" (register() + deepspeed.initialize),
      "save_at": k (save a checkpoint after k steps) , "load": true (load it first and continue from there),
      "ckpt": dir, "expect_error": substring (the job must fail with it), "grad_accum_dtype": "fp32",
-     "zero_init": true (build the model under deepspeed.zero.Init)}
+     "zero_init": true (build the model under deepspeed.zero.Init), "model": "llama" | "odd" (ds_common.OddMLP),
+     "make_v1": true (before loading, rank 0 rewrites the checkpoint as fira_dist layout version 1 wrote it)}
 Rank 0 writes OUTDIR/<name>.pt: losses per step, final full parameters (fp32), every rank's Fira state
-bytes, per-matrix state bytes and owners, the comm stats and the engine step count.
+bytes, per-matrix state bytes and owners, the comm stats and the engine step count, and per engine step each
+rank's optimizer bytes measured (comm_stats) and by the layout's formula (expected_comm_bytes).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ds_common import ds_config, make_batches, tiny_llama  # noqa: E402
+from ds_common import batches, build, ds_config, loss_of, rewrite_as_layout_v1  # noqa: E402
 
 
 def full_params(engine, stage: int) -> dict[str, torch.Tensor]:
@@ -47,6 +49,7 @@ def run_job(job: dict, out: Path) -> None:
     import fira_dist.deepspeed as fds
 
     W, rank = dist.get_world_size(), dist.get_rank()
+    kind = job.get("model", "llama")
     stage, steps, micro, gas = job["stage"], job["steps"], job.get("micro", 2), job.get("gas", 1)
     cfg = ds_config(stage, job.get("dtype", "fp32"), micro, gas, W, job.get("clip", 0.0), job.get("fira"),
                     grad_accum_dtype=job.get("grad_accum_dtype"))
@@ -54,9 +57,9 @@ def run_job(job: dict, out: Path) -> None:
         import transformers.models.llama.modeling_llama  # noqa: F401  (import outside zero.Init: torch._dynamo)
 
         with deepspeed.zero.Init(config_dict_or_path=cfg):
-            model = tiny_llama(job.get("seed", 0))
+            model = build(kind, job.get("seed", 0))
     else:
-        model = tiny_llama(job.get("seed", 0))
+        model = build(kind, job.get("seed", 0))
     if job.get("entry", "initialize") == "plain":
         fds.register()
         cfg["zero_allow_untested_optimizer"] = False  # register() must set it itself
@@ -67,20 +70,30 @@ def run_job(job: dict, out: Path) -> None:
     init = full_params(engine, stage) if job.get("zero_init") else None  # zero.Init draws other initial weights
     start = 0
     if job.get("load"):
+        if job.get("make_v1"):
+            if rank == 0:
+                shapes = {n: tuple(p.shape) for n, p in build(kind, job.get("seed", 0)).named_parameters() if p.ndim == 2}
+                rewritten = rewrite_as_layout_v1(Path(job["ckpt"]) / "ckpt", W, shapes, cfg["optimizer"]["params"]["rank"])
+                assert rewritten > 0
+            dist.barrier()
         path, _ = engine.load_checkpoint(job["ckpt"], tag="ckpt")
         assert path is not None, "checkpoint not loaded"
         start = job["save_at"]
-    data = make_batches(steps, micro * gas * W, job.get("seed", 0))
-    losses, norms = [], []
+    data = batches(kind, steps, micro * gas * W, job.get("seed", 0))
+    losses, norms, comm = [], [], []
     for step in range(start, steps):
         batch = data[step]
         acc = torch.zeros(())
         for k in range(gas):
             lo = (k * W + rank) * micro
             mb = batch[lo:lo + micro]
-            loss = engine(input_ids=mb, labels=mb).loss
+            loss = loss_of(engine, mb, kind)
             engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            expected = opt.layout.expected_comm_bytes() if boundary else None
             engine.step()
+            if boundary:
+                comm.append((expected, opt.layout.comm_stats()["bytes_per_step"]))
             acc += loss.detach().float() / gas
         dist.all_reduce(acc)
         losses.append(float(acc) / W)
@@ -91,7 +104,11 @@ def run_job(job: dict, out: Path) -> None:
     params = full_params(engine, stage)
     layout = opt.layout
     mine = {"state_bytes": layout.state_bytes(), "unit_state_bytes": layout.unit_state_bytes(),
-            "projectors": layout.projectors()}
+            "projectors": layout.projectors(), "comm_trace": comm,
+            "straddlers": layout.straddlers() if layout.mode == "partitioned" else [],
+            "budget": opt.comm_bucket_bytes,
+            "placement": {u.name: (u.owner, [(pc.rank, pc.length) for pc in u.pieces]) for b in
+                          getattr(layout, "buckets", {}).values() for u in b.units if u.low_rank}}
     gathered = [None] * W
     dist.all_gather_object(gathered, mine)
     if rank == 0:
