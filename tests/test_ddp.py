@@ -68,6 +68,16 @@ def test_replicated_is_bitwise_with_identical_gradients():
 
 
 @pytest.mark.slow
+def test_small_exchange_budget_changes_no_bit():
+    """comm_bucket_bytes=256: the updated values reach every rank in all-gather rounds of 256 bytes (send and
+    receive buffers together) instead of one: the same bits as one process, and the bytes of the formula."""
+    run = suite(3)["train:replicated:exact:256"]
+    assert_matches(single_reference(), run, bitwise=True, what="replicated W=3, 256-byte rounds")
+    for r in run["ranks"]:
+        assert r["measured"] == r["expected"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_state_and_svd_are_split(world):
     run = suite(world)["train:replicated:ddp"]

@@ -40,6 +40,11 @@ W = "ds_config optimizer.params"
     ({"correct_bias": "yes"}, f"{W}['correct_bias']='yes' is not accepted; expected true or false"),
     ({"target_modules": "attn"}, f"{W}['target_modules']='attn' is not accepted; expected a non-empty list"),
     ({"target_modules": []}, f"{W}['target_modules']=[] is not accepted"),
+    ({"comm_bucket_bytes": 0}, f"{W}['comm_bucket_bytes']=0 is not accepted; expected a number of bytes >= 1"),
+    ({"comm_bucket_bytes": -1e6}, f"{W}['comm_bucket_bytes']=-1000000.0 is not accepted; expected a number of bytes >= 1"),
+    ({"comm_bucket_bytes": "1GB"}, f"{W}['comm_bucket_bytes']='1GB' is not accepted; expected a number of bytes >= 1"),
+    ({"comm_bucket_bytes": 1.5}, f"{W}['comm_bucket_bytes']=1.5 is not accepted"),
+    ({"reduce_bucket_size": 5e8}, f"{W} has unknown key 'reduce_bucket_size' (did you mean 'comm_bucket_bytes'?)"),
     # impossible combinations
     ({"alpha": 0.25, "scale": 0.5}, f"{W} sets both 'alpha'=0.25 and 'scale'=0.5"),
     ({"algorithm": "galore", "limiter_gamma": 1.1}, f"{W}['limiter_gamma']=1.1 is only used by algorithm 'fira'"),
@@ -49,6 +54,26 @@ def test_bad_blocks_name_the_key_and_the_accepted_values(params, message):
     with pytest.raises(ValueError) as err:
         fds.parse_fira_block(params)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0, -1, "256MiB", None.__class__, True, float("inf"), 2.5])
+def test_bad_budget_in_the_constructor_is_named(value):
+    """Fira(comm_bucket_bytes=...) takes a number of bytes >= 1; anything else names the argument and the range."""
+    model = tiny_llama(0)
+    from fira_dist import Fira, param_groups
+
+    with pytest.raises(ValueError, match=r"Fira\(comm_bucket_bytes\)=.* is not accepted; expected a number of bytes >= 1"):
+        Fira(param_groups(model, rank=4), comm_bucket_bytes=value)
+
+
+def test_budget_from_the_block_and_its_default():
+    """The block's comm_bucket_bytes reaches Fira(...) (1e6 -> 1000000 bytes); without it the optimizer keeps its
+    default until DeepSpeed binds it (then reduce_bucket_size x the gradients' element size)."""
+    model = tiny_llama(0)
+    opt = fds.build_optimizer(model, fds.parse_fira_block({"comm_bucket_bytes": 1e6}))
+    assert opt.comm_bucket_bytes == 1_000_000 and opt.comm_bucket_bytes_explicit
+    opt = fds.build_optimizer(model, fds.parse_fira_block({}))
+    assert not opt.comm_bucket_bytes_explicit
 
 
 def test_good_block_defaults_and_scale():

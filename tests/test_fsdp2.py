@@ -37,6 +37,15 @@ def test_fsdp2_matches_single_process(world):
     assert (run["params"][unused] == ref["params"][unused]).all()
 
 
+def test_fsdp2_small_exchange_budget():
+    """comm_bucket_bytes=4096: each matrix's collectives run in a chunk of their own, and each exact refresh in a
+    round of its own: within the same tolerance of one process, and the bytes of the formula on every step."""
+    run = suite(3)["train:row_sharded:fsdp:4096"]
+    assert_matches(single_reference(), run, bitwise=False, what="FSDP2 W=3, 4096-byte chunks")
+    for r in run["ranks"]:
+        assert r["measured"] == r["expected"], r
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_state_and_svd_are_split(world):
     run = suite(world)["train:row_sharded:fsdp"]

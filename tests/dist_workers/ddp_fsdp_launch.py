@@ -33,7 +33,7 @@ def ckpt_dir(layout: str) -> str:
 def parts(world: int) -> list[str]:
     out = ["train:replicated:ddp", "train:row_sharded:fsdp"]
     if world == 3:
-        out += ["train:replicated:exact", "two"] + [f"dcp_save:{lay}:{ckpt_dir(lay)}" for lay in LAYOUTS]
+        out += ["train:replicated:exact", "train:replicated:exact:256", "train:row_sharded:fsdp:4096", "two"] + [f"dcp_save:{lay}:{ckpt_dir(lay)}" for lay in LAYOUTS]
     if world == 2:
         out += [f"dcp_load:{ckpt_dir(src)}:{dst}" for src in LAYOUTS for dst in LAYOUTS]
     return out

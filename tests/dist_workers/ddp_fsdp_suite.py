@@ -6,6 +6,7 @@ launch costs ~5-30 s of interpreter and import start-up on a loaded 2-core machi
 Parts (rank 0 writes {part: result} to OUT.pt):
     train:replicated:ddp       tiny LLaMA, DDP on micro-batches, replicated layout (picked by layout="auto")
     train:replicated:exact     no DDP: every rank computes the whole global batch (identical gradients)
+    train:LAYOUT:GRADS:BYTES   the same with comm_bucket_bytes=BYTES (the optimizer's exchanges in small rounds)
     train:row_sharded:fsdp     FSDP2 fully_shard on each decoder layer and the root, micro-batches ("auto")
     two                        two matrices on W ranks, both layouts, explicit process group / device mesh
     dcp_save:LAYOUT:DIR        train [0, K), dcp.save to DIR, train [K, N); then a FRESH model and optimizer
@@ -50,7 +51,7 @@ DCP_AT, DCP_STEPS = 12, 22  # save after 12 steps, train to 22 (a projector refr
 CLASS = {"replicated": "Replicated", "row_sharded": "RowSharded"}
 
 
-def build(layout: str, grads: str, cfg: RunConfig):
+def build(layout: str, grads: str, cfg: RunConfig, **kw):
     """(model, module to call, Fira with layout='auto')."""
     model = tiny_llama(cfg.seed)
     fwd = model
@@ -62,7 +63,7 @@ def build(layout: str, grads: str, cfg: RunConfig):
         fully_shard(model)
     elif grads == "ddp":
         fwd = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    opt = make_optimizer(model, cfg, layout="auto")
+    opt = make_optimizer(model, cfg, layout="auto", **kw)
     assert type(opt.layout).__name__ == CLASS[layout], type(opt.layout)
     return model, fwd, opt
 
@@ -103,9 +104,9 @@ def state_keys(model, opt) -> list:
 
 
 # ---------------------------------------------------------------------- parts
-def part_train(layout: str, grads: str) -> dict:
+def part_train(layout: str, grads: str, budget: str | None = None) -> dict:
     cfg = RunConfig()
-    model, fwd, opt = build(layout, grads, cfg)
+    model, fwd, opt = build(layout, grads, cfg, **({} if budget is None else {"comm_bucket_bytes": int(budget)}))
     expected, measured = [], []
     losses = train_steps(fwd, opt, batches(cfg), grads, lambda e, m: (expected.append(e), measured.append(m)))
     lay = opt.layout
