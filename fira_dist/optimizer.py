@@ -67,7 +67,7 @@ class Fira(torch.optim.Optimizer):
         process_group: the data-parallel group for distributed layouts (default: the world).
         comm_bucket_bytes: the most bytes one exchange of the optimizer's step may buffer on a rank (gradient and
             weight pieces, gathered values, projector refreshes); larger exchanges run in rounds, and a matrix
-            larger than the budget moves alone. None: 256 MiB, or under DeepSpeed its ``reduce_bucket_size`` x
+            larger than the budget moves alone. None: 64 MiB, or under DeepSpeed its ``reduce_bucket_size`` x
             the gradient's element size (see fira_dist.layouts.plan).
     """
 

@@ -25,10 +25,11 @@ from fira_dist.projector import lowrank_shape, projector_shape
 
 FP32 = 4  # every exchange of a step is packed in fp32
 MiB = 1 << 20
-# Outside DeepSpeed: 256 MiB holds one whole LLaMA-7B matrix in fp32 (11008 x 4096 x 4 = 172 MiB), so at that
-# scale a matrix never needs a round of its own, and a collective of that size is far past the message size
-# where NCCL and gloo reach full bandwidth. It is small next to a 7B model's per-rank state at any W <= 64.
-DEFAULT_COMM_BUCKET_BYTES = 256 * MiB
+# Outside DeepSpeed (DDP, FSDP2): 64 MiB, a few times DDP's own 25 MiB gradient bucket. Messages of tens of MiB
+# already run at full NCCL / gloo bandwidth, so larger rounds would buy little speed and cost memory: at LLaMA-7B a
+# rank holds 0.37 GiB of Fira state at W = 8 and 0.05 GiB at W = 64, and the step's transient must stay small next
+# to what Fira saves. A matrix larger than the budget (a 7B MLP matrix's gradient is 172 MiB in fp32) moves alone.
+DEFAULT_COMM_BUCKET_BYTES = 64 * MiB
 
 
 def check_comm_bucket_bytes(value: Any, where: str) -> int:
@@ -38,7 +39,7 @@ def check_comm_bucket_bytes(value: Any, where: str) -> int:
         ok = value == int(value)
     if not ok:
         raise ValueError(f"{where}={value!r} is not accepted; expected a number of bytes >= 1 (an integer, e.g. "
-                         f"{DEFAULT_COMM_BUCKET_BYTES} = 256 MiB)")
+                         f"{DEFAULT_COMM_BUCKET_BYTES} = 64 MiB)")
     return int(value)
 
 
@@ -363,10 +364,23 @@ class SliceShape:
         """The split rows' [R_i; ||G_i||^2] (first all-reduce) and [N_i; phi_i] (second): (k + f) per split row."""
         return len(self.split()) * (self.k + self.f)
 
+    def workspace_numel(self) -> int:
+        """Elements of this matrix's temporaries in a regular step, on the rank with the most (the same number on
+        every rank, so that every rank forms the same chunks): right: Q (k, n) gathered whole, R and N of its
+        owned rows (2 x (ceil(m / W) + 1) x k); left: the partial P^T G (k, n), R and N of its columns
+        (2 k ceil(n / W)), [X; c] gathered whole ((k + 1) n)."""
+        m, n = self.shape
+        k, W = self.k, self.W
+        if self.side == "right":
+            return k * n + 2 * (-(-m // W) + 1) * k
+        return k * n + 2 * k * -(-n // W) + (k + 1) * n
+
     def footprint(self) -> int:
-        """Bytes of exchange buffers this matrix adds on a rank while its chunk runs."""
+        """Bytes this matrix adds on a rank while its chunk runs: its collective buffers (send and receive) and its
+        temporaries (``workspace_numel``)."""
         W = self.W
-        return FP32 * ((W + 1) * (self.q_gather_numel() + self.left_numel()) + 2 * self.split_numel())
+        return FP32 * ((W + 1) * (self.q_gather_numel() + self.left_numel()) + 2 * self.split_numel()
+                       + self.workspace_numel())
 
 
 def sliced_chunks(shapes: Sequence[SliceShape], budget: int) -> list[list[int]]:

@@ -61,6 +61,7 @@ class MemoryConfig:
     zero3_param_persistence_threshold: int = DS_PARAM_PERSISTENCE_THRESHOLD
     zero3_sub_group_size: int = DS_SUB_GROUP_SIZE
     comm_bucket_bytes: int | None = None  # Fira's exchange budget; None: its default (see comm_budget)
+    device: str = "cuda"  # "cuda" | "cpu": torch.optim.AdamW's default is foreach on CUDA, a loop per tensor on CPU
 
     def __post_init__(self) -> None:
         def one_of(name: str, accepted: Sequence[str]) -> None:
@@ -74,6 +75,7 @@ class MemoryConfig:
         one_of("strategy", STRATEGIES)
         one_of("precision", PRECISIONS)
         one_of("attention", ATTENTIONS)
+        one_of("device", ("cuda", "cpu"))
         if self.state_dtype is not None:
             one_of("state_dtype", ("fp32", "bf16"))
         for name in ("world_size", "micro_batch"):

@@ -163,8 +163,10 @@ def _estimate_rank(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, Any]
         root_max = max((p.numel for p in info.params if not p.unit), default=0)
         layer = max((n for u, n in _unit_sizes(info).items() if u), default=0)
         # forward/backward: the root's unsharded weights (kept for backward), the current and the prefetched
-        # layer's, and lm_head's unsharded gradient (produced first, reduced with the root's at the end)
-        comm_backward += (root + 2 * layer + root_max) * compute
+        # layer's, lm_head's unsharded gradient (produced first, reduced with the root's at the end), and early in
+        # backward, while nearly all activations are alive, one layer's unsharded gradients and their reduce-scatter
+        # input (measured with the CPU allocator's events on llama_bench: benchmarks/memory_vs_adamw.py --measure)
+        comm_backward += (root + 2 * layer + root_max) * compute + layer * (compute + reduce_copy)
         # end of backward: the root's unsharded gradients and their reduce-scatter input
         grads_bwd_transient = (root + layer) * (compute + reduce_copy)
         if cfg.precision == "bf16-mixed":

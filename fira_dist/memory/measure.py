@@ -176,7 +176,8 @@ class CpuAllocPeak:
     (every allocation and free on CPU is recorded; byte counts are relative to what was live at entry).
 
     ``mark()`` records a point in the event stream (by allocating and freeing a tensor of a unique odd size);
-    after exit ``peak_since_mark`` is the high-water mark from the last mark on (e.g. the training steps
+    after exit ``peak_since_mark`` is the high-water mark from the last mark on and ``live_at_mark`` what was live
+    at the mark (their difference: the growth from the mark on) (e.g. the training steps
     without the model's construction). Costs some speed: for measurements.
     """
 
@@ -188,6 +189,7 @@ class CpuAllocPeak:
         self.peak = 0
         self.end = 0
         self.peak_since_mark: int | None = None
+        self.live_at_mark: int | None = None
 
     def __enter__(self) -> "CpuAllocPeak":
         from torch.profiler import ProfilerActivity, profile
@@ -210,7 +212,7 @@ class CpuAllocPeak:
         last_mark = self._MARK_BYTES + self._marks
         for _, nb in events:
             if self._marks and nb == last_mark and since is None:
-                since = cur  # the marker itself is not counted
+                since = self.live_at_mark = cur  # the marker itself is not counted
                 continue
             if self._marks and nb == -last_mark:  # the marker's free
                 continue
@@ -322,11 +324,11 @@ def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Any, Any, Any, Any]
     }
     if cfg.zero_overlap_comm is not None:
         ds_config["zero_optimization"]["overlap_comm"] = cfg.zero_overlap_comm
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer == "adamw":  # DeepSpeed's own AdamW (FusedAdam), as its users run it
         import deepspeed
 
-        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                                 optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.0))
+        ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}}
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         return engine, model, opt, engine
     from fira_dist import deepspeed as fira_ds  # the "fira" optimizer type and the FlatPartition layout
 
@@ -396,6 +398,7 @@ def run_worker(cfg: MemoryConfig, steps: int, seed: int = 0, profile: bool = Tru
     gc.collect()
     if device.type == "cpu":
         out["peak_allocated"] = prof.peak_since_mark if profile else None
+        out["live_before_first_step"] = prof.live_at_mark if profile else None
         out["peak_allocated_with_setup"] = prof.peak if profile else None
     else:
         out["peak_allocated"] = cuda_peak_bytes()

@@ -8,7 +8,8 @@ formulas against ``comm_stats()``.
 
 AdamW is modelled as its users run it: under DeepSpeed ZeRO its FusedAdam (``"type": "AdamW"``: one
 multi-tensor kernel, in place, no temporary the size of the state); under DDP, FSDP2 and one process
-``torch.optim.AdamW``'s default on CUDA (foreach: ``sqrt(exp_avg_sq)`` for the whole group, one moment's size).
+``torch.optim.AdamW``'s default: on CUDA foreach (``sqrt(exp_avg_sq)`` for the whole group, one moment's size), on
+CPU a loop over tensors (``MemoryConfig.device="cpu"``: two temporaries the size of the largest tensor).
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def optimizer_state(info: ModelInfo, cfg: MemoryConfig, r: int, rank: int) -> di
     """Bytes of rank ``r``'s optimizer state tensors: projectors, moments (exp_avg + exp_avg_sq), scalars (0-d fp32
     tensors: ``step`` per state entry, Fira's ``limiter_norm`` per matrix). ``rank``: the projection rank.
 
-    adamw: one step per tensor it updates, moments ``zeros_like`` it. Fira/GaLore, per layout:
+    adamw: moments ``zeros_like`` each tensor it updates; torch's AdamW a 0-d step per tensor, DeepSpeed's FusedAdam
+    (under ZeRO) a Python int. Fira/GaLore, per layout:
       single   every matrix: projector + moments + step + limiter; Adam tensors: moments + step.
       ddp      each matrix's state on its owner; elementwise-Adam moments split by rows, a step on every rank.
       zero1/2  a matrix's whole state on the rank that updates it (its partition's, or a straddler's largest
@@ -168,8 +170,8 @@ def optimizer_state(info: ModelInfo, cfg: MemoryConfig, r: int, rank: int) -> di
         if s == "fsdp2":
             rows = sum(rows_numel(p, W, r) for p in info.params)
             return {"projectors": 0, "moments": 2 * rows * sb, "scalars": 4 * len(info.params)}
-        flats = flat_partitions(info, cfg)
-        return {"projectors": 0, "moments": 2 * sum(flats) * sb, "scalars": 4 * len(flats)}
+        flats = flat_partitions(info, cfg)  # FusedAdam keeps its step count as a Python int: no tensor
+        return {"projectors": 0, "moments": 2 * sum(flats) * sb, "scalars": 0}
     proj = mom = scal = 0
     if s in ("single", "ddp"):
         owner = replicated_owners(info, rank, cfg.proj_type, W, sb) if s == "ddp" else {}
@@ -221,18 +223,22 @@ def optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, rank: int) -> 
     exchange: the largest exchange buffer alive at once (``comm_buffers`` of the step):
       ddp      the bounded all-gather of updated values: (W + 1) C elements (``plan.gather_rounds``);
       zero1/2  the straddlers an owner rebuilds in one round, 8 bytes per element (``plan.zero12_buffer_bytes``);
-      zero3/fsdp2  the larger of a regular chunk's collective buffers (``SliceShape.footprint``) and an exact
-               refresh round's rebuilt gradients on their SVD owner (4 m n each).
+      zero3/fsdp2  the larger of a regular chunk's collective buffers and temporaries (``SliceShape.footprint``:
+               the gathered Q or [X; c], R and N) and an exact refresh round's rebuilt gradients on their SVD
+               owner (4 m n each).
     workspace: the optimizer's own temporaries: the exact SVD of the largest matrix whose SVD this rank computes,
-      or a regular step's low-rank R and N (2 x rows x k x 4 of its largest matrix); elementwise Adam's
+      or a whole-matrix step's low-rank R and N (2 max(m, n) k x 4 of its largest matrix); elementwise Adam's
       m / (sqrt(v) + eps) for the largest tensor. AdamW: see the module docstring.
     """
     W, s = cfg.world_size, cfg.strategy
     dt = dtypes(cfg)
     sb = state_bytes(cfg, dt)
     if cfg.optimizer == "adamw":
-        foreach = 0 if s.startswith("zero") else optimizer_state(info, cfg, r, rank)["moments"] // 2
-        return {"exchange": 0, "workspace": foreach}
+        if s.startswith("zero"):
+            return {"exchange": 0, "workspace": 0}
+        if cfg.device == "cpu":  # _single_tensor_adamw: denom = sqrt(v) / bc + eps, and exp_avg / denom
+            return {"exchange": 0, "workspace": 2 * largest_adam_piece(info, cfg, r, None, every=True) * sb}
+        return {"exchange": 0, "workspace": optimizer_state(info, cfg, r, rank)["moments"] // 2}
     lp = plan_for(info, cfg, rank) if s != "single" else None
     mats = [i for g in info.groups for i in g if info.params[i].low_rank]
     exchange = 0
@@ -266,30 +272,26 @@ def optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, rank: int) -> 
                 exchange = max(exchange, sum(P.FP32 * info.params[gm[j]].numel for j in rnd
                                              if lp.svd_owner[gm[j]] == r))
     workspace = max((svd_workspace(info.params[i].shape) for i in svd_mine), default=0)
-    for i in step_mine:
+    for i in step_mine if s not in ("zero3", "fsdp2") else ():  # sliced: the chunk's footprint counts it
         m, n = info.params[i].shape
-        k = effective_rank((m, n), rank)
-        if s in ("zero3", "fsdp2"):
-            sl = lp.slices[i]
-            lo, hi = sl.ranges[r]
-            rows = (-(-hi // n) - lo // n) if hi > lo else 0
-            workspace = max(workspace, 2 * (rows if sl.side == "right" else k) * (k if sl.side == "right" else n) * sb)
-        else:
-            workspace = max(workspace, 2 * max(m, n) * k * sb)
+        workspace = max(workspace, 2 * max(m, n) * effective_rank((m, n), rank) * sb)
     workspace = max(workspace, 2 * largest_adam_piece(info, cfg, r, lp) * sb)  # m / (sqrt(v) + eps)
     return {"exchange": exchange, "workspace": workspace}
 
 
-def largest_adam_piece(info: ModelInfo, cfg: MemoryConfig, r: int, lp: LayoutPlan | None) -> int:
-    """Elements of the largest elementwise-Adam tensor (or piece of one) rank r updates in one call."""
+def largest_adam_piece(info: ModelInfo, cfg: MemoryConfig, r: int, lp: LayoutPlan | None, every: bool = False) -> int:
+    """Elements of the largest elementwise-Adam tensor (or piece of one) rank r updates in one call (every: all
+    parameters are elementwise, as for AdamW)."""
     W, s = cfg.world_size, cfg.strategy
     out = 0
     for i, p in enumerate(info.params):
-        if p.low_rank:
+        if p.low_rank and not every:
             continue
         if s == "single":
             n = p.numel
-        elif s in ("ddp", "fsdp2"):
+        elif s == "fsdp2" or (s == "ddp" and every):
+            n = rows_numel(p, W, r) if p.shape else 1
+        elif s == "ddp":
             n = rows_numel(p, W, r) if p.shape else int(lp is not None and lp.owners.get(i) == r)
         elif s == "zero3":
             lo, hi = P.zero3_ranges(p.numel, W)[r]

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-reduce-bucket-size", type=int, default=DS_REDUCE_BUCKET_SIZE)
     p.add_argument("--comm-bucket-bytes", type=float, default=None,
                    help="Fira's exchange budget (default: DeepSpeed's reduce bucket in the gradients' dtype under ZeRO, "
-                        "else 256 MiB)")
+                        "else 64 MiB)")
     p.add_argument("--rank-index", type=int, default=None, help="report this rank (default: the rank with the highest peak)")
     p.add_argument("--compare", action="store_true", help="one table across --optimizer x --strategy lists "
                    "(default adamw,galore,fira x zero1,zero2,zero3,fsdp2)")
