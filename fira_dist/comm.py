@@ -16,6 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (a FutureWarning on every call) for the
+# same collectives under new names; older torch (>= 2.4, what pyproject accepts) has only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class Comm:
     """A process group plus byte counters. ``end_step()`` closes one optimizer step's tally."""
@@ -43,7 +48,7 @@ class Comm:
     def all_gather_into_tensor(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             self._count("all_gather", out)
-            dist.all_gather_into_tensor(out, inp, group=self.group)
+            _all_gather_single(out, inp, group=self.group)
         else:
             out.copy_(inp)
         return out
@@ -51,7 +56,7 @@ class Comm:
     def reduce_scatter_tensor(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             self._count("reduce_scatter", inp)
-            dist.reduce_scatter_tensor(out, inp, group=self.group)
+            _reduce_scatter_single(out, inp, group=self.group)
         else:
             out.copy_(inp)
         return out

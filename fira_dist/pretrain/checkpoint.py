@@ -32,6 +32,7 @@ load).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -155,13 +157,26 @@ def _dcp_options():
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+@contextlib.contextmanager
+def _one_process_quiet():
+    """Without a process group, dcp.save / dcp.load warn "torch.distributed is ... uninitialized, assuming the
+    intent is to save (load) in a single process" on every call; a one-process run means exactly that, so that
+    one message is hidden (only then: with a process group it would point at a real mistake)."""
+    with warnings.catch_warnings():
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
 def dcp_save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """``dcp.save({"model", "optim"})`` into ``folder`` (collective; works without a process group too)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer, options=_dcp_options())
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    with _one_process_quiet():
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
 
 
 def dcp_load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -171,7 +186,8 @@ def dcp_load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
     msd, osd = get_state_dict(model, optimizer, options=_dcp_options())
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(folder))
+    with _one_process_quiet():
+        dcp.load(sd, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=_dcp_options())
 
