@@ -307,6 +307,54 @@ def test_slurm_mpi_sbatch_two_nodes(slurm, tmp_path):
     _check_finished(out, 2, res.output, world=2, strategy="fsdp2")
 
 
+def quick_start_cpu_sbatch_lines() -> list[str]:
+    """The commands of launch/README.md's quick start that submit an sbatch script to CPU nodes (continuation
+    lines joined), in order."""
+    text = (LAUNCH / "README.md").read_text()
+    section = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for cmd in re.sub(r"\\\n\s*", " ", block).splitlines():
+            cmd = cmd.split(" # ")[0].strip()
+            if " sbatch " in f" {cmd} " and "--gpus-per-node=0" in cmd and not cmd.startswith("#"):
+                commands.append(cmd)
+    return commands
+
+
+@pytest.mark.slow
+def test_quick_start_cpu_sbatch_lines_run_as_written(slurm, tmp_path, monkeypatch):
+    """launch/README.md's two CPU sbatch lines, word for word, submitted from a folder holding launch/ and
+    ds_configs/ (the repository root's layout) on the two 2-CPU, GPU-less test nodes: both jobs are accepted,
+    start (no gres error, not pending for ever) and finish their 3 steps on 2 ranks."""
+    lines = quick_start_cpu_sbatch_lines()
+    assert [re.search(r"launch/(\S+)", c).group(1) for c in lines] == ["slurm_torchrun.sbatch", "slurm_mpi.sbatch"], lines
+    for name in ("launch", "ds_configs"):
+        (tmp_path / name).symlink_to(REPO / name)
+    for key in ("DS_ACCELERATOR", "GPUS_PER_NODE", "MODEL", "STRATEGY", "DS_CONFIG", "ZERO_STAGE", "OUTPUT_DIR",
+                "EXTRA_ARGS", "DATA_ARGS", "NODES"):  # only what the line itself sets
+        monkeypatch.delenv(key, raising=False)
+    jobs = []
+    for cmd in lines:
+        p = slurm.run(["bash", "-c", f"set -euo pipefail; {cmd}"], cwd=tmp_path, check=False)
+        m = re.search(r"Submitted batch job (\d+)", p.stdout)
+        assert p.returncode == 0 and m, (cmd, p.stdout, p.stderr)
+        jobs.append(int(m.group(1)))
+    for cmd, job in zip(lines, jobs):  # a request the nodes cannot meet pends for ever: fail at once instead
+        deadline = time.monotonic() + 120
+        while (info := slurm.job_info(job))["JobState"] == "PENDING":
+            assert info.get("Reason") in ("None", "Priority", "Resources"), (cmd, info)
+            assert time.monotonic() < deadline, (cmd, info)
+            time.sleep(0.5)
+    for cmd, job in zip(lines, jobs):
+        res = slurm.wait(job, timeout=400)
+        assert res.ok, (cmd, res.describe(8000))
+        assert res.output_path == tmp_path / f"slurm-fira-pretrain-{job}.out", res.output_path
+        strategy = "fsdp2" if "STRATEGY=fsdp2" in cmd else "deepspeed"
+        assert ("ZeRO-2 x 2 rank(s)" if strategy == "deepspeed" else "fsdp2 x 2 rank(s)") in res.output, \
+            res.describe(8000)
+        _check_finished(tmp_path / "runs" / f"llama_tiny-{job}", 3, res.output, world=2, strategy=strategy)
+
+
 DS_ON_SLURM = """\
 #!/bin/bash
 #SBATCH --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --time=10
