@@ -327,7 +327,8 @@ def test_quick_start_cpu_sbatch_lines_run_as_written(slurm, tmp_path, monkeypatc
     ds_configs/ (the repository root's layout) on the two 2-CPU, GPU-less test nodes: both jobs are accepted,
     start (no gres error, not pending for ever) and finish their 3 steps on 2 ranks."""
     lines = quick_start_cpu_sbatch_lines()
-    assert [re.search(r"launch/(\S+)", c).group(1) for c in lines] == ["slurm_torchrun.sbatch", "slurm_mpi.sbatch"], lines
+    scripts = [re.search(r"launch/(\S+)", c).group(1) for c in lines]
+    assert scripts == ["slurm_torchrun.sbatch", "slurm_mpi.sbatch"], lines
     for name in ("launch", "ds_configs"):
         (tmp_path / name).symlink_to(REPO / name)
     for key in ("DS_ACCELERATOR", "GPUS_PER_NODE", "MODEL", "STRATEGY", "DS_CONFIG", "ZERO_STAGE", "OUTPUT_DIR",
