@@ -37,9 +37,11 @@ from fira_dist import Fira
 from fira_dist.algorithm import project, project_back
 from fira_dist.projector import compute_projector, side_for, subspace_error
 
-SIZES = {  # hidden, intermediate, layers, rank (the GaLore / Fira papers' settings)
+SIZES = {  # hidden, intermediate, layers, rank (the GaLore / Fira papers' settings, fira_dist.pretrain.models)
     "60m": (512, 1376, 8, 128),
     "130m": (768, 2048, 12, 256),
+    "1b": (2048, 5461, 24, 512),
+    "7b_layer": (4096, 11008, 1, 64),  # one decoder layer of LLaMA-7B, Fira's 7B rank
     "toy": (64, 172, 2, 16),
 }
 
@@ -49,10 +51,11 @@ def layer_shapes(hidden: int, inter: int) -> list[tuple[int, int]]:
     return [(hidden, hidden)] * 4 + [(inter, hidden), (inter, hidden), (hidden, inter)]
 
 
-def matrices(hidden: int, inter: int, layers: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(weight, grad) pairs, layer after layer."""
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=g) * 0.02, torch.randn(s, generator=g) * 1e-3)
+def matrices(hidden: int, inter: int, layers: int, seed: int = 0,
+             device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, grad) pairs, layer after layer, drawn on ``device`` (the same values for a seed on one device)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [(torch.randn(s, generator=g, device=device) * 0.02, torch.randn(s, generator=g, device=device) * 1e-3)
             for _ in range(layers) for s in layer_shapes(hidden, inter)]
 
 
@@ -66,6 +69,8 @@ def make(kind: str, params: list[torch.nn.Parameter], rank: int, gap: int, proje
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return fira.FiraAdamW([group], lr=1e-3)
+    if kind == "adamw_fused":  # one kernel for all tensors (CUDA, and CPU from torch 2.4)
+        return torch.optim.AdamW(params, lr=1e-3, fused=True)
     return torch.optim.AdamW(params, lr=1e-3, foreach=True)
 
 

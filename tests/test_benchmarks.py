@@ -11,8 +11,10 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,77 @@ def test_optimizer_step_benchmark_prints_and_writes_ratios(tmp_path):
 
     proc = bench("optimizer_step.py", "--sizes", "7b", timeout=60)
     assert proc.returncode == 2 and "--sizes 7b not accepted" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------- make gpu
+NO_GPU_HERE = not (shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"))
+
+
+def _no_cuda_torch() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not NO_GPU_HERE, reason="this machine has an NVIDIA GPU: `make gpu` runs for real here")
+def test_gpu_check_without_cuda_exits_3_and_installs_nothing(tmp_path):
+    """benchmarks/gpu_check.py (`make gpu`) on a machine without CUDA: says so, exits 3, creates neither the GPU
+    venv nor the results folder; `make gpu` reports the script's "Error 3"."""
+    assert _no_cuda_torch()
+    venv, results = tmp_path / "venv-gpu", tmp_path / "results"
+    proc = bench("gpu_check.py", "--venv", str(venv), "--json", str(results / "gpu.json"), timeout=120)
+    assert proc.returncode == 3, proc.stdout
+    assert "no CUDA GPU on this machine" in proc.stdout and "Nothing was installed or run (exit 3)" in proc.stdout
+    assert not venv.exists() and not results.exists()
+    make = subprocess.run(["make", "gpu", f"GPU_VENV={venv}", f"PYTHON={sys.executable}"], cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert make.returncode == 2 and "Error 3" in make.stdout and "no CUDA GPU" in make.stdout, make.stdout
+    assert not venv.exists()
+
+
+def test_gpu_check_rejects_bad_flags_by_name(tmp_path):
+    for bad, says in ((["--stages", "tests,probes"], "--stages 'tests,probes' not accepted"),
+                      (["--sizes", "7b"], "--sizes '7b' not accepted"),
+                      (["--steps", "0"], "--steps=0 not accepted"),
+                      (["--wheels", str(tmp_path / "none")], "no such folder")):
+        proc = bench("gpu_check.py", *bad, timeout=60)
+        assert proc.returncode == 2 and says in proc.stdout, (bad, proc.stdout)
+
+
+def test_gpu_check_stages_fit_in_8_minutes():
+    """Every stage's cap, and the overall budget that also bounds them, leave room under 8 minutes."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    assert sum(gpu_check.CAPS.values()) <= gpu_check.BUDGET <= 8 * 60 - 25
+    assert set(gpu_check.CAPS) == {"probe", *gpu_check.STAGES}
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_rehearsal_prints_its_tables_and_keeps_its_caps(tmp_path):
+    """The rehearsal (CPU, toy size) runs the bench and pretrain stages and prints the README's GPU-figures
+    formats; a stage over its cap is killed, reported TIMED OUT and the check exits 1."""
+    out = tmp_path / "r" / "gpu.json"
+    proc = bench("gpu_check.py", "--cpu-rehearsal", "--stages", "bench,pretrain", "--steps", "2", "--json", str(out),
+                 timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    rep = json.loads(out.read_text())
+    assert rep["exit_code"] == 0 and rep["rehearsal"] and set(rep["stages"]) == {"bench", "pretrain"}
+    (row,) = rep["bench"]["rows"]
+    assert row["size"] == "toy" and row["matrices"] == 14
+    assert all(row[f"step_{k}_ms"] > 0 for k in ("fira_dist", "reference", "adamw_fused"))
+    assert set(row["projector_ms"]["svd"]) == {"64x64", "64x172", "172x64"}
+    assert rep["pretrain"]["tokens_per_s"] > 0 and rep["pretrain"]["steps"] == 3
+    text = proc.stdout
+    for piece in ("| stage | result | time (s) | cap (s) |", "| bench | ok: 1 of 1 sizes |",
+                  "| model | matrices | rank | fira_dist (ms) | fira.FiraAdamW (ms) | AdamW fused (ms) |",
+                  "| model | params | steps | tokens/step | tokens/s | peak CUDA memory (MiB) | loss first -> last |",
+                  "Pretraining: fira-dist pretrain --model llama_tiny --strategy single --device cpu"):
+        assert piece in text, piece
+    assert re.search(r"^\| llama_toy \| 14 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \|", text, re.M)
+
+    t0 = time.monotonic()
+    proc = bench("gpu_check.py", "--cpu-rehearsal", "--stages", "bench", "--sizes", "60m", "--steps", "50",
+                 "--budget", "8", "--json", str(out), timeout=120)  # 150 steps of ~0.1 s: far over 8 s
+    assert proc.returncode == 1 and "| bench | TIMED OUT (0 of 1 sizes measured) |" in proc.stdout, proc.stdout[-3000:]
+    assert time.monotonic() - t0 < 30

@@ -480,8 +480,8 @@ class Trainer:
         last = good[-min(10, len(good)):] if good else []
         return {
             "model": plan.model, "params": self.n_params, "strategy": plan.strategy, "zero_stage": plan.zero_stage,
-            "world_size": self.world, "optimizer": plan.optimizer, "rank": plan.rank, "bf16": plan.bf16,
-            "exit_code": code, "reason": reason, "start_step": self.start_step, "end_step": self.step,
+            "world_size": self.world, "backend": _backend(), "optimizer": plan.optimizer, "rank": plan.rank,
+            "bf16": plan.bf16, "exit_code": code, "reason": reason, "start_step": self.start_step, "end_step": self.step,
             "max_steps": plan.max_steps, "tokens_per_step": plan.tokens_per_step, "tokens": self.counters["tokens"],
             "skipped_steps": self.counters["skipped_steps"],
             "loss_first": good[0]["loss"] if good else None,
@@ -491,6 +491,17 @@ class Trainer:
             "memory_per_rank": mem, "checkpoint": str(self.ckpt_path) if self.last_saved_step >= 0 else None,
             "losses": [r["loss"] for r in self.history],
         }
+
+
+def _backend() -> str | None:
+    """The default process group's backend: "nccl", "gloo", or per device ("cpu:gloo,cuda:nccl") for the group
+    that fully_shard starts by itself in a one-process run; None without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    backend = str(dist.get_backend())
+    return str(dist.get_backend_config()) if backend == "undefined" else backend
 
 
 def format_summary(s: dict[str, Any]) -> str:
