@@ -291,11 +291,12 @@ def setup_env(args, deadline: float, log: Path, notes: list[str]) -> Env | None:
     else:
         notes.append("--offline: pip not tried")
     # fall back to a CUDA torch already on this machine, fira_dist from the repository on PYTHONPATH
-    seen, candidates = set(), [args.reuse_python, sys.executable, shutil.which("python3"), shutil.which("python")]
+    # (by path, not realpath: a virtual environment's python links to its base interpreter but has its own packages)
+    seen, candidates = [], [args.reuse_python, sys.executable, shutil.which("python3"), shutil.which("python")]
     for cand in candidates:
-        if not cand or os.path.realpath(cand) in seen:
+        if not cand or os.path.abspath(cand) in seen:
             continue
-        seen.add(os.path.realpath(cand))
+        seen.append(os.path.abspath(cand))
         info = torch_probe(cand, timeout=max(5, min(60, deadline - time.monotonic())))
         if info and info["available"]:
             pythonpath = [str(REPO)]
@@ -311,7 +312,7 @@ def setup_env(args, deadline: float, log: Path, notes: list[str]) -> Env | None:
             notes.append(f"used the CUDA torch already on this machine: {cand} (torch {info['torch']}, CUDA "
                          f"{info['cuda']}), fira_dist from {REPO} on PYTHONPATH; nothing was installed into it")
             return Env(cand, pythonpath, "machine", info)
-    notes.append("no CUDA-enabled torch found among " + ", ".join(sorted(seen)))
+    notes.append("no CUDA-enabled torch found in " + ", ".join(seen))
     return None
 
 

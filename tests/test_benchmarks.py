@@ -171,3 +171,28 @@ def test_gpu_check_cpu_rehearsal_prints_its_tables_and_keeps_its_caps(tmp_path):
                  "--budget", "8", "--json", str(out), timeout=120)  # 150 steps of ~0.1 s: far over 8 s
     assert proc.returncode == 1 and "| bench | TIMED OUT (0 of 1 sizes measured) |" in proc.stdout, proc.stdout[-3000:]
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NO_GPU_HERE, reason="this machine has an NVIDIA GPU")
+def test_gpu_check_setup_falls_back_when_pip_fails_and_says_why(tmp_path, monkeypatch):
+    """The setup stage where pip cannot install (no index reachable: here an empty --find-links): it says what
+    failed, removes the half-made venv, looks for a CUDA torch already on the machine and names where it looked
+    (none here: the check then exits 4); with --offline it does not try pip at all."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configured indexes or wheel folders: pip finds nothing
+    for key in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(key, raising=False)
+    venv, log = tmp_path / "venv-gpu", tmp_path / "setup.log"
+    args = gpu_check.parse(["--venv", str(venv), f"--pip-args=--no-index --find-links {tmp_path}"])
+    notes: list[str] = []
+    assert gpu_check.setup_env(args, time.monotonic() + 240, log, notes) is None
+    assert notes[0].startswith("pip install torch==2.13.0 failed (exit 1)"), notes
+    assert notes[-1].startswith("no CUDA-enabled torch found in ") and sys.executable in notes[-1], notes
+    assert not venv.exists() and "pip install" in log.read_text()
+    notes = []
+    args = gpu_check.parse(["--venv", str(venv), "--offline"])
+    assert gpu_check.setup_env(args, time.monotonic() + 120, log, notes) is None
+    assert notes[0] == "--offline: pip not tried" and not venv.exists(), notes
