@@ -360,7 +360,8 @@ def randomized_reference_projector():
 
 def bench(sizes: list[str], steps: int, device: str, deadline: float, on_row=None) -> dict:
     """Steady-step times etc. for each size (see the module docstring); runs in the GPU environment.
-    ``on_row(result)`` is called after each size with the result so far (so a run cut short keeps its rows)."""
+    ``on_row(result, final)`` is called after each measurement with the result so far, ``final`` once a size is
+    done (so a stage cut short keeps what it measured)."""
     import statistics
 
     import torch
@@ -390,14 +391,12 @@ def bench(sizes: list[str], steps: int, device: str, deadline: float, on_row=Non
                     tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32))
     rows: list[dict] = []
     result = {"info": info, "rows": rows}
-    for name in sizes:
-        hidden, inter, layers, rank = SIZES[name]
-        row: dict = {"size": name, "hidden": hidden, "intermediate": inter, "layers": layers, "rank": rank,
-                     "matrices": 7 * layers}
-        if time.monotonic() > deadline:
-            row["not_measured"] = "the bench stage's time cap"
-            rows.append(row)
-            continue
+
+    def save(final: bool = False) -> None:  # after every measurement: a stage cut short keeps what it measured
+        if on_row:
+            on_row(result, final)
+
+    def measure(row: dict, hidden: int, inter: int, layers: int, rank: int) -> None:
         mats = matrices(hidden, inter, layers, device=device)
         grads = [g for _, g in mats]
         runs = {}
@@ -408,6 +407,7 @@ def bench(sizes: list[str], steps: int, device: str, deadline: float, on_row=Non
                 for _ in range(3):  # the first step finds the projectors; two more to warm up
                     step(opt, params, grads)
                 runs[kind] = (opt, params)
+        del mats
         times = interleaved({k: (lambda o=o, p=p: step(o, p, grads)) for k, (o, p) in runs.items()}, steps)
         for kind, ts in times.items():
             row[f"step_{kind}_ms"] = 1e3 * statistics.median(ts)
@@ -422,11 +422,14 @@ def bench(sizes: list[str], steps: int, device: str, deadline: float, on_row=Non
                 opt.step()
                 sync()
                 row[f"transient_{kind}_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        del runs, times
+        runs.clear()
+        save()
         # the projectors alone, one matrix of each distinct shape (what a refresh adds, per matrix)
-        proj = {}
+        proj: dict = {"svd": {}, "randomized": {}}
+        row["projector_ms"] = proj
         for shape in sorted(set(layer_shapes(hidden, inter))):
             if time.monotonic() > deadline:
+                row["projector_note"] = "the rest not measured: the bench stage's time cap"
                 break
             g = next(gr for gr in grads if tuple(gr.shape) == shape)
             side = side_for(g.shape, "std")
@@ -437,14 +440,26 @@ def bench(sizes: list[str], steps: int, device: str, deadline: float, on_row=Non
                 t0 = time.perf_counter()
                 compute_projector(g, rank, side, kind=kind, generator=gen)
                 sync()
-                proj.setdefault(kind, {})[f"{shape[0]}x{shape[1]}"] = 1e3 * (time.perf_counter() - t0)
-        row["projector_ms"] = proj
-        mats = grads = None  # freed before the next size
+                proj[kind][f"{shape[0]}x{shape[1]}"] = 1e3 * (time.perf_counter() - t0)
+            save()
+
+    for name in sizes:
+        hidden, inter, layers, rank = SIZES[name]
+        row: dict = {"size": name, "hidden": hidden, "intermediate": inter, "layers": layers, "rank": rank,
+                     "matrices": 7 * layers}
+        rows.append(row)
+        if time.monotonic() > deadline:
+            row["not_measured"] = "the bench stage's time cap"
+        else:
+            try:
+                measure(row, hidden, inter, layers, rank)
+            except torch.cuda.OutOfMemoryError as err:  # a smaller GPU: say so, go on with the next size
+                for key in [k for k in row if k.startswith(("step_", "state_", "transient_", "projector"))]:
+                    del row[key]
+                row["not_measured"] = f"out of GPU memory ({str(err).splitlines()[0][:120]})"
         if cuda:
             torch.cuda.empty_cache()
-        rows.append(row)
-        if on_row:
-            on_row(result)
+        save(final=True)
     return result
 
 
@@ -559,9 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench_stage:  # inside the GPU environment: measure, print the table row by row, write the JSON
         deadline = time.monotonic() + (args.bench_deadline or CAPS["bench"]) - 5
 
-        def on_row(result: dict) -> None:
+        def on_row(result: dict, final: bool) -> None:
             Path(args.bench_stage).write_text(json.dumps(result, indent=1))
-            print(step_table(result)[-1], flush=True)
+            if final:
+                print(step_table(result)[-1], flush=True)
 
         print("\n".join(step_table({"rows": []})), flush=True)
         bench(args.sizes, args.steps, args.device, deadline, on_row)
@@ -675,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         rc, out = res
         if bench_json.exists():  # the rows measured, also when the stage was cut short
             report["bench"] = json.loads(bench_json.read_text())
-        rows = sum("not_measured" not in r for r in (report.get("bench") or {}).get("rows", []))
+        rows = sum("step_fira_dist_ms" in r for r in (report.get("bench") or {}).get("rows", []))
         n = f"{rows} of {len(args.sizes)} sizes"
         done("bench", f"ok: {n}" if rc == 0 and rows == len(args.sizes) else
              ("TIMED OUT" if rc is None else f"FAILED (exit {rc}): {last_line(out)}") + f" ({n} measured)")

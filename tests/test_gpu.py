@@ -33,6 +33,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     reason="no CUDA device (torch.cuda.is_available() is False); `make gpu` runs these on a GPU machine")]
 
 
+@pytest.fixture(autouse=True)
+def ieee_fp32_matmul():
+    """fp32 products in full precision (no TF32) for the in-process comparisons, whatever the default."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
 # ----------------------------------------------------------------------------------------------- the kernel
 def _options(betas):
     from fira_dist.config import GroupOptions
