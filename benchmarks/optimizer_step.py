@@ -37,7 +37,7 @@ from fira_dist import Fira
 from fira_dist.algorithm import project, project_back
 from fira_dist.projector import compute_projector, side_for, subspace_error
 
-SIZES = {  # hidden, intermediate, layers, rank (the GaLore / Fira papers' settings, fira_dist.pretrain.models)
+SIZES = {  # hidden, intermediate, layers, rank (the GaLore / Fira papers' settings, fira_dist.models)
     "60m": (512, 1376, 8, 128),
     "130m": (768, 2048, 12, 256),
     "1b": (2048, 5461, 24, 512),

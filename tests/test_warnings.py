@@ -46,7 +46,7 @@ SP = "/venv/lib/python3.11/site-packages"
     (["/repo/fira_dist/pretrain/main.py", f"{SP}/deepspeed/runtime/engine.py", f"{SP}/deepspeed/comm/torch.py",
       f"{SP}/torch/distributed/c10d_logger.py", f"{SP}/typing_extensions.py"], False),
     # a transformers warning about an argument fira_dist passed: ours
-    (["/repo/fira_dist/pretrain/models.py", f"{SP}/transformers/modeling_utils.py",
+    (["/repo/fira_dist/models.py", f"{SP}/transformers/modeling_utils.py",
       f"{SP}/transformers/utils/import_utils.py"], True),
     # fira_dist's own warnings.warn: ours
     (["/repo/fira_dist/optimizer.py", "/usr/lib/python3.11/warnings.py"], True),
