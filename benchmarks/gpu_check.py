@@ -92,6 +92,7 @@ CAPS = {"probe": 15, "setup": 150, "tests": 120, "bench": 90, "pretrain": 60}
 BUDGET = 450
 GPU_SIZES = "60m,130m,1b,7b_layer"
 STAMP = ".fira_gpu_ready.json"
+WHEELS_SITE = "wheels-site"  # in the --venv folder: what --wheels installs next to the machine's own torch
 # what each stage needs in the environment (module names); a stage whose needs are missing is skipped, said why
 NEEDS = {"tests": ("torch", "fira_dist", "pytest"), "bench": ("torch", "fira_dist"),
          "pretrain": ("torch", "fira_dist", "transformers", "datasets", "tokenizers")}
@@ -259,8 +260,8 @@ def setup_env(args, deadline: float, log: Path, notes: list[str]) -> Env | None:
                              f"{args.torch_spec} -e .[test]`)")
                 return Env(_venv_python(venv), [], "venv", info)
             notes.append(f"{venv.name} exists but its torch does not see the GPU: made again")
-        if (venv / "pyvenv.cfg").exists():
-            shutil.rmtree(venv)
+        if (venv / "pyvenv.cfg").exists() or (venv.is_dir() and {p.name for p in venv.iterdir()} <= {WHEELS_SITE}):
+            shutil.rmtree(venv)  # ours: a venv, or the carried wheels of an earlier run without pip
         elif venv.exists():
             notes.append(f"{venv} exists and is no virtual environment: left alone, pip not tried")
         steps = [] if venv.exists() else [
@@ -301,7 +302,7 @@ def setup_env(args, deadline: float, log: Path, notes: list[str]) -> Env | None:
         if info and info["available"]:
             pythonpath = [str(REPO)]
             if args.wheels:
-                site = venv / "wheels-site"
+                site = venv / WHEELS_SITE
                 wheels = sorted(str(p) for p in Path(args.wheels).glob("*.whl"))
                 rc, out = run_capped([cand, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade",
                                       "--target", str(site), *wheels], max(5, deadline - time.monotonic()), log=log,

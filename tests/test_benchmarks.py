@@ -196,3 +196,55 @@ def test_gpu_check_setup_falls_back_when_pip_fails_and_says_why(tmp_path, monkey
     args = gpu_check.parse(["--venv", str(venv), "--offline"])
     assert gpu_check.setup_env(args, time.monotonic() + 120, log, notes) is None
     assert notes[0] == "--offline: pip not tried" and not venv.exists(), notes
+
+
+def _tiny_wheel(folder: Path, name: str = "fira_gpu_probe_pkg") -> Path:
+    """A minimal valid wheel of a one-module package (stands for a carried deepspeed / datasets wheel)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}.py": b"VALUE = 42\n",
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                            b"Tag: py3-none-any\n"}
+
+    def digest(d: bytes) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{p},sha256={digest(d)},{len(d)}\n" for p, d in files.items()) + \
+        f"{name}-1.0.dist-info/RECORD,,\n"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, d in files.items():
+            z.writestr(p, d)
+        z.writestr(f"{name}-1.0.dist-info/RECORD", record)
+    return path
+
+
+def test_gpu_check_offline_uses_the_machines_torch_and_carried_wheels(tmp_path, monkeypatch):
+    """--offline --wheels DIR, where this interpreter's torch is taken to see a GPU (torch_probe stands in for
+    the CUDA check, which this machine cannot pass): the environment is this interpreter with the repository
+    and the carried wheels on PYTHONPATH, the notes say so, and a later run with pip may reuse the folder."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    fake = {"torch": "2.x+cu", "cuda": "12.8", "available": True, "devices": 1, "name": "a GPU"}
+    monkeypatch.setattr(gpu_check, "torch_probe", lambda python, env=None, timeout=60: fake)
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    _tiny_wheel(wheels)
+    venv = tmp_path / "venv-gpu"
+    args = gpu_check.parse(["--venv", str(venv), "--offline", "--wheels", str(wheels)])
+    notes: list[str] = []
+    env = gpu_check.setup_env(args, time.monotonic() + 120, tmp_path / "setup.log", notes)
+    assert env is not None and env.python == sys.executable and env.how == "machine", notes
+    assert env.pythonpath == [str(REPO), str(venv / "wheels-site")]
+    assert notes[0] == "--offline: pip not tried" and notes[1].startswith("installed 1 wheels from"), notes
+    assert notes[2].startswith(f"used the CUDA torch already on this machine: {sys.executable}"), notes
+    env.check_modules("cpu")
+    assert env.modules["fira_dist"] and env.modules["torch"]
+    out = subprocess.run([env.python, "-c", "import fira_gpu_probe_pkg as m; print(m.VALUE)"], text=True,
+                         env=env.environ("cpu"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert out.stdout.strip() == "42", out.stdout
+    assert {p.name for p in venv.iterdir()} == {"wheels-site"}  # removed by a later run that makes a venv
