@@ -224,10 +224,10 @@ class Env:
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         return env
 
-    def check_modules(self, device: str) -> None:
+    def check_modules(self, device: str, timeout: float = 60) -> None:
         code = ("import importlib.util, json, sys; "
                 "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in sys.argv[1:]}))")
-        rc, out = run_capped([self.python, "-c", code, *MODULES], 60, env=self.environ(device), echo=False)
+        rc, out = run_capped([self.python, "-c", code, *MODULES], timeout, env=self.environ(device), echo=False)
         try:
             self.modules = json.loads(out.strip().splitlines()[-1]) if rc == 0 else {}
         except (ValueError, IndexError):
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_NO_CUDA_TORCH
         record("setup", f"ok: {env.how}", started, CAPS["setup"])
         report["torch"] = env.torch
-    env.check_modules(args.device)
+    env.check_modules(args.device, timeout=max(5.0, min(60.0, end - time.monotonic())))
     report["environment"] = {"python": env.python, "how": env.how, "modules": env.modules}
     shell_env = env.environ(args.device)
     if args.cpu_rehearsal:
