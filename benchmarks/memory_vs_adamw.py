@@ -136,19 +136,31 @@ def measure(worlds: list[int], micro_batch: int, seq_len: int) -> list[dict[str,
     return rows
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def measure_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (W, strategy): the mean over ranks of AdamW's and Fira's measured and estimated growth. The ranks do the
+    same work, but their measured peaks differ by up to 30 % from run to run and rank to rank (gloo's threads
+    allocate and free their buffers asynchronously, so which buffers coexist at the peak varies): the mean over
+    ranks is the figure the goals are judged on; every rank's figure is printed above it."""
     out = []
     for W in sorted({r["world_size"] for r in rows}):
         for s in sorted({r["strategy"] for r in rows}):
-            for rank in sorted({r["rank"] for r in rows if r["world_size"] == W}):
-                pick = {r["optimizer"]: r for r in rows if (r["world_size"], r["strategy"], r["rank"]) == (W, s, rank)}
-                if set(pick) != {"adamw", "fira"}:
-                    continue
-                a, f = pick["adamw"], pick["fira"]
-                saved = a["measured_growth"] - f["measured_growth"]
-                out.append({"world_size": W, "strategy": s, "rank": rank, "saved": saved,
-                            "saved_share_of_adamw_state": saved / a["optimizer_state"],
-                            "met": saved >= 0.7 * a["optimizer_state"]})
+            pick = {o: [r for r in rows if (r["world_size"], r["strategy"], r["optimizer"]) == (W, s, o)]
+                    for o in ("adamw", "fira")}
+            if not all(pick.values()):
+                continue
+            m = {o: _mean([r["measured_growth"] for r in v]) for o, v in pick.items()}
+            e = {o: _mean([r["estimated_growth"] for r in v]) for o, v in pick.items()}
+            state = _mean([r["optimizer_state"] for r in pick["adamw"]])
+            saved = m["adamw"] - m["fira"]
+            out.append({"world_size": W, "strategy": s, "adamw_measured": m["adamw"], "fira_measured": m["fira"],
+                        "adamw_estimated": e["adamw"], "fira_estimated": e["fira"], "adamw_state": state,
+                        "saved": saved, "saved_share_of_adamw_state": saved / state, "met": saved >= 0.7 * state,
+                        "estimate_error": {o: e[o] / m[o] - 1 for o in m},
+                        "estimates_within_10pct": all(abs(e[o] / m[o] - 1) <= 0.10 for o in m)})
     return out
 
 
@@ -186,12 +198,16 @@ def print_tables(peaks, comms, bounds, measured, verdicts, model: str) -> None:
             print(f"| {r['world_size']} | {r['strategy']} | {r['optimizer']} | {r['rank']} | "
                   f"{r['measured_growth'] / MiB:.1f} | {r['estimated_growth'] / MiB:.1f} | "
                   f"{r['estimated_growth'] / r['measured_growth']:.3f} | {r['optimizer_state'] / MiB:.1f} |")
-        print("\n| W | strategy | rank | AdamW growth - Fira growth (MiB) | as a share of AdamW's state | "
-              "goal >= 70 % |")
-        print("|---|---|---:|---:|---:|---|")
+        print("\nMean over ranks (the goals' figures; see measure_verdicts):\n")
+        print("| W | strategy | AdamW growth, measured / estimated (MiB) | Fira growth, measured / estimated (MiB) | "
+              "AdamW - Fira, share of AdamW's state | goal >= 70 % | estimates within 10 % |")
+        print("|---|---|---:|---:|---:|---|---|")
         for v in verdicts:
-            print(f"| {v['world_size']} | {v['strategy']} | {v['rank']} | {v['saved'] / MiB:.1f} | "
-                  f"{100 * v['saved_share_of_adamw_state']:.1f} % | {'yes' if v['met'] else 'NO'} |")
+            print(f"| {v['world_size']} | {v['strategy']} | {v['adamw_measured'] / MiB:.1f} / {v['adamw_estimated'] / MiB:.1f} | "
+                  f"{v['fira_measured'] / MiB:.1f} / {v['fira_estimated'] / MiB:.1f} | "
+                  f"{100 * v['saved_share_of_adamw_state']:.1f} % | {'yes' if v['met'] else 'NO'} | "
+                  f"{'yes' if v['estimates_within_10pct'] else 'NO'} (AdamW {100 * v['estimate_error']['adamw']:+.0f} %, "
+                  f"Fira {100 * v['estimate_error']['fira']:+.0f} %) |")
 
 
 def main(argv: list[str] | None = None) -> int:

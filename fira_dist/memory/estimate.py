@@ -166,7 +166,8 @@ def _estimate_rank(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, Any]
         # layer's, lm_head's unsharded gradient (produced first, reduced with the root's at the end), and early in
         # backward, while nearly all activations are alive, one layer's unsharded gradients and their reduce-scatter
         # input (measured with the CPU allocator's events on llama_bench: benchmarks/memory_vs_adamw.py --measure)
-        comm_backward += (root + 2 * layer + root_max) * compute + layer * (compute + reduce_copy)
+        # (and the prefetched layer's all-gather output, alive until it is copied out into its parameters)
+        comm_backward += (root + 3 * layer + root_max) * compute + layer * (compute + reduce_copy)
         # end of backward: the root's unsharded gradients and their reduce-scatter input
         grads_bwd_transient = (root + layer) * (compute + reduce_copy)
         if cfg.precision == "bf16-mixed":
