@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -118,7 +119,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for j in jobs:
+        t0 = time.perf_counter()
         run_job(j, out)
+        if dist.get_rank() == 0:
+            print(f"job {j['name']}: {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 
