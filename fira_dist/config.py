@@ -158,6 +158,7 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
 # The learning-rate multiplier of the first update after a momentum reset (Glentis et al. 2025's recovery ramp
 # starts at 0.001 x the scheduled value).
 RECOVERY_START = 1e-3
+DEFAULT_RECOVERY_STEPS = 10  # theirs; a recovery_steps left unset is min(10, interval - 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -168,7 +169,8 @@ class MomentumReset:
     Adam moments and step count are zeroed (bias correction starts over), as if the optimizer were rebuilt.
     ``recovery_steps`` R: the j-th update after a reset (j = 0, 1, ...) runs at ``lr_factor`` = 0.001 + 0.999 j / R
     times the scheduled learning rate while j < R, then at 1x: a linear ramp applied inside the optimizer, on top of
-    whatever scheduler sets ``lr``. ``interval=None``: never (the factor is always 1).
+    whatever scheduler sets ``lr``. ``interval=None``: never (the factor is always 1). ``recovery_steps`` left
+    unset (None in ``from_values``): min(10, interval - 1).
     """
 
     interval: int | None = None
@@ -181,6 +183,8 @@ class MomentumReset:
         if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
             raise ValueError(f"{where_interval}={interval!r} is not accepted; expected an integer >= 1 (reset every "
                              "that many steps) or None (never)")
+        if recovery_steps is None:
+            recovery_steps = DEFAULT_RECOVERY_STEPS if interval is None else min(DEFAULT_RECOVERY_STEPS, interval - 1)
         if isinstance(recovery_steps, bool) or not isinstance(recovery_steps, int) or recovery_steps < 0:
             raise ValueError(f"{where_recovery}={recovery_steps!r} is not accepted; expected an integer >= 0 (0: no "
                              "learning-rate ramp after a reset)")

@@ -49,7 +49,7 @@ ACCEPTED_KEYS: dict[str, Any] = {
     "correct_bias": True,
     "target_modules": DEFAULT_TARGET_MODULES,
     "momentum_reset_interval": None,  # K: zero moments and step counts every K engine steps (None: never)
-    "recovery_steps": 10,  # learning-rate ramp from 0.001x over this many updates after each reset
+    "recovery_steps": None,  # learning-rate ramp from 0.001x over this many updates after a reset (min(10, K - 1))
 }
 _OPTIMIZER_WIDE = ("momentum_reset_interval", "recovery_steps")  # Fira(...) arguments, not param-group keys
 _HINTS = {"gamma": "limiter_gamma", "galore_scale": "alpha", "proj_gap": "update_proj_gap", "lowrank": "rank",
@@ -106,7 +106,7 @@ def parse_fira_block(params: Mapping[str, Any] | None, where: str = WHERE) -> Fi
             if key in params:
                 raise ValueError(f"{where}[{key!r}]={params[key]!r} is only used by algorithm 'fira'; with "
                                  "algorithm='galore' (low-rank Adam, no residual, no limiter) remove it")
-    MomentumReset.from_values(params.get("momentum_reset_interval"), params.get("recovery_steps", 10),
+    MomentumReset.from_values(params.get("momentum_reset_interval"), params.get("recovery_steps"),
                               f"{where}['momentum_reset_interval']", f"{where}['recovery_steps']")
     group = {k: (ACCEPTED_KEYS[k] if k not in params else params[k]) for k in ACCEPTED_KEYS
              if k not in ("target_modules", "scale")}

@@ -76,7 +76,7 @@ class Fira(torch.optim.Optimizer):
             norm-growth limiter (no previous norm), as a new optimizer would; projector tensors keep their values
             until that refresh. Keys and shapes of the state do not change (tensors are zeroed in place), so
             checkpoints and DCP resharding work as before.
-        recovery_steps: R in [0, K - 1] (default 10): the j-th update after a reset runs at (0.001 + 0.999 j / R)
+        recovery_steps: R in [0, K - 1] (default min(10, K - 1)): the j-th update after a reset runs at (0.001 + 0.999 j / R)
             times the group's ``lr``, j < R; applied inside step(), so it works under any scheduler (ours,
             DeepSpeed's, the Hugging Face Trainer's), which keeps setting ``lr`` as if there were no resets.
 
@@ -106,7 +106,7 @@ class Fira(torch.optim.Optimizer):
         layout: Any = "auto",
         process_group: Any = None,
         momentum_reset_interval: int | None = None,
-        recovery_steps: int = 10,
+        recovery_steps: int | None = None,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,

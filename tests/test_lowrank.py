@@ -403,3 +403,72 @@ def test_resume_across_a_reset_is_exact_under_fsdp2_and_zero(name, tmp_path_fact
     for n, v in straight["params"].items():
         assert torch.equal(resumed["params"][n], v), n
     assert resumed["global_step"] == straight["global_step"] == j["steps"]
+
+
+# ----------------------------------------------------------------------------------------------- fira-dist pretrain
+PRETRAIN = ["--model", "llama_tiny", "--seq-len", "32", "--micro-batch-size", "2", "--max-documents", "100",
+            "--eval-every", "0", "--no-tensorboard", "--log-every", "1", "--rank", "8"]
+
+
+def pretrain_main(*argv) -> int:
+    from fira_dist.pretrain.main import main
+
+    return main(list(argv))
+
+
+def test_pretrain_dry_run_shows_factorization_and_restarts(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert pretrain_main("--model", "llama_60m", "--optimizer", "lowrank", "--momentum-reset-interval", "500",
+                         "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "optimizer    lowrank rank 128, alpha 32 (W = 32/128 B A)" in out and "lr 0.0015" in out
+    assert "56 matrices (25.30M parameters)" in out and "33.69M -> 18.39M trainable parameters" in out
+    assert "restarts     every 500 steps (19 in this run)" in out and "lr x (0.001 + 0.999 j / 10)" in out
+    assert "factors refactorized" in out and "does not model the factorized model yet" in out
+    assert pretrain_main("--model", "llama_60m", "--optimizer", "galore", "--momentum-reset-interval", "200",
+                         "--recovery-steps", "5", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "restarts     every 200 steps" in out and "projectors recomputed, limiter restarted" in out
+    assert "j / 5)" in out and "refactorized" not in out
+
+
+def test_pretrain_dry_run_deepspeed_block(capsys, tmp_path, monkeypatch):
+    """Under DeepSpeed lowrank (and adamw with resets) becomes a "fira" block with "rank": null and the reset keys."""
+    import json
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    for opt, K in (("lowrank", "7"), ("adamw", "9")):
+        assert pretrain_main("--model", "llama_tiny", "--optimizer", opt, "--momentum-reset-interval", K,
+                             "--strategy", "deepspeed", "--deepspeed", str(cfg), "--rank", "8", "--dry-run") == 0
+        out = capsys.readouterr().out
+        block = json.loads(out.split("ds_config    ", 1)[1].splitlines()[0])["optimizer"]
+        assert block["type"] == "fira" and block["params"]["rank"] is None
+        assert block["params"]["momentum_reset_interval"] == int(K) and block["params"]["recovery_steps"] == int(K) - 1
+
+
+def test_pretrain_lowrank_restarts_resume_exactly(tmp_path, monkeypatch):
+    """One process, lowrank with restarts (K = 3, R = 2): refactorizations after steps 3 and 6, the ramp in the
+    logged lr (0.001x the scheduled lr at step 4, 0.5005x at 5); a run resumed from the step-4 checkpoint
+    (mid-ramp) continues with bitwise the same losses."""
+    from fira_dist.pretrain.train_utils import lr_factor, read_metrics
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+    real = lowrank.refactorize
+    monkeypatch.setattr(lowrank, "refactorize", lambda model, **kw: calls.append(len(calls)) or real(model, **kw))
+    args = [*PRETRAIN, "--optimizer", "lowrank", "--momentum-reset-interval", "3", "--recovery-steps", "2",
+            "--max-steps", "6", "--warmup-steps", "0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert pretrain_main(*args, "--save-every", "2", "--keep-last", "0", "--output-dir", str(a)) == 0
+    assert len(calls) == 2
+    ra = {r["step"]: r for r in read_metrics(str(a))}
+    sched = [0.0015 * lr_factor(s, 0, 6, 0.1) for s in range(6)]
+    assert [ra[s]["lr"] for s in range(1, 7)] == pytest.approx(
+        [sched[0], sched[1], sched[2], 0.001 * sched[3], 0.5005 * sched[4], sched[5]], rel=1e-12)
+    assert pretrain_main(*args, "--save-every", "0", "--output-dir", str(b), "--resume",
+                         str(a / "checkpoints" / "step_00000004")) == 0
+    assert len(calls) == 3  # after step 6 only
+    rb = {r["step"]: r for r in read_metrics(str(b))}
+    assert sorted(rb) == [5, 6] and all(rb[s]["loss"] == ra[s]["loss"] for s in (5, 6))

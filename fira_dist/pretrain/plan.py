@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "et al. 2025: 500 at 60M, 200 at 1B. Default: never")
     g.add_argument("--recovery-steps", type=int, metavar="R",
                    help="with --momentum-reset-interval: the j-th update after a reset runs at (0.001 + 0.999 j / R) "
-                        "x the scheduled lr, j < R (default 10; 0: no ramp; < K)")
+                        "x the scheduled lr, j < R (default min(10, K - 1); 0: no ramp)")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 10%% of --max-steps)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine ends at this fraction of --lr (0.1)")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: the model's num_training_steps)")
@@ -354,7 +354,9 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
     alpha = args.alpha if args.alpha is not None else (LOWRANK_ALPHA if lowrank else hp.alpha)
     lr = args.lr if args.lr is not None else (LOWRANK_LR if lowrank else hp.lr)
     reset_interval = args.momentum_reset_interval
-    recovery_steps = args.recovery_steps if args.recovery_steps is not None else 10
+    recovery_steps = args.recovery_steps
+    if recovery_steps is None:
+        recovery_steps = 10 if reset_interval is None else min(10, reset_interval - 1)
     if args.recovery_steps is not None and reset_interval is None:
         raise UsageError(f"--recovery-steps={args.recovery_steps} is only accepted with --momentum-reset-interval K")
     if reset_interval is not None:
@@ -677,8 +679,11 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
                 raise UsageError(f"{src}: {e}") from None
             if fb is not None:
                 lr, weight_decay = fb.defaults["lr"], fb.defaults["weight_decay"]
-                reset_interval = fb.defaults["momentum_reset_interval"]
-                recovery_steps = fb.defaults["recovery_steps"]
+                from fira_dist.config import MomentumReset
+
+                mr = MomentumReset.from_values(fb.defaults["momentum_reset_interval"], fb.defaults["recovery_steps"],
+                                               "momentum_reset_interval", "recovery_steps")  # validated already
+                reset_interval, recovery_steps = mr.interval, mr.recovery_steps
                 if fb.lowrank["rank"] is not None:
                     rank, update_proj_gap, alpha = fb.lowrank["rank"], fb.lowrank["update_proj_gap"], fb.lowrank["alpha"]
                     target_modules = tuple(fb.target_modules)  # what the run uses (the dry run checks these)
