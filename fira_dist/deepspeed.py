@@ -51,7 +51,6 @@ ACCEPTED_KEYS: dict[str, Any] = {
     "momentum_reset_interval": None,  # K: zero moments and step counts every K engine steps (None: never)
     "recovery_steps": None,  # learning-rate ramp from 0.001x over this many updates after a reset (min(10, K - 1))
 }
-_OPTIMIZER_WIDE = ("momentum_reset_interval", "recovery_steps")  # Fira(...) arguments, not param-group keys
 _HINTS = {"gamma": "limiter_gamma", "galore_scale": "alpha", "proj_gap": "update_proj_gap", "lowrank": "rank",
           "rank_r": "rank", "targets": "target_modules", "modules": "target_modules", "beta1": "betas",
           "beta2": "betas", "adam_w_mode": None, "torch_adam": None, "cycle_length": "momentum_reset_interval",
@@ -128,7 +127,7 @@ def parse_fira_block(params: Mapping[str, Any] | None, where: str = WHERE) -> Fi
         raise ValueError(f"{where}['correct_bias']={group['correct_bias']!r} is not accepted; expected true or false")
     GroupOptions.from_group(group, where=where)  # ranges and enum values, named
     lowrank_keys = ("rank", "update_proj_gap", "alpha", "proj_type")
-    defaults = {k: v for k, v in group.items() if k not in lowrank_keys}  # includes _OPTIMIZER_WIDE
+    defaults = {k: v for k, v in group.items() if k not in lowrank_keys}  # with the optimizer-wide reset options
     defaults["update_proj_gap"] = group["update_proj_gap"]
     defaults["alpha"] = group["alpha"]
     defaults["proj_type"] = group["proj_type"]

@@ -312,8 +312,8 @@ def refactorize(model: nn.Module, *, engine: Any = None, work_dtype: torch.dtype
     for name, m in mods:
         kinds = {_kind(m.B), _kind(m.A_T)}
         if len(kinds) != 1:
-            raise ValueError(f"refactorize: the factors of {name} are held differently ({sorted(kinds)}); expected both "
-                             "plain, both FSDP2-sharded or both under the same DeepSpeed ZeRO stage")
+            raise ValueError(f"refactorize: the factors of {name} are held differently ({sorted(kinds)}); expected "
+                             "both plain, both FSDP2-sharded or both under the same DeepSpeed ZeRO stage")
         kind = kinds.pop()
         if kind == "dtensor":
             _check_shard0(name, m)

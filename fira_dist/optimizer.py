@@ -76,9 +76,10 @@ class Fira(torch.optim.Optimizer):
             norm-growth limiter (no previous norm), as a new optimizer would; projector tensors keep their values
             until that refresh. Keys and shapes of the state do not change (tensors are zeroed in place), so
             checkpoints and DCP resharding work as before.
-        recovery_steps: R in [0, K - 1] (default min(10, K - 1)): the j-th update after a reset runs at (0.001 + 0.999 j / R)
-            times the group's ``lr``, j < R; applied inside step(), so it works under any scheduler (ours,
-            DeepSpeed's, the Hugging Face Trainer's), which keeps setting ``lr`` as if there were no resets.
+        recovery_steps: R in [0, K - 1] (default min(10, K - 1)): the j-th update after a reset runs at
+            (0.001 + 0.999 j / R) times the group's ``lr``, j < R; applied inside step(), so it works under any
+            scheduler (ours, DeepSpeed's, the Hugging Face Trainer's), which keeps setting ``lr`` as if there were
+            no resets.
 
     The reset clock is the number of engine steps taken (``global_step``: one per ``step()`` call, or per ZeRO engine
     step however many times DeepSpeed calls ``step()`` in it); with resets on it is saved in every param group as

@@ -123,4 +123,7 @@ def run_single(j: dict[str, Any], stop: int | None = None) -> dict[str, Any]:
 
 
 def ds_job_config(j: dict[str, Any], world: int) -> dict[str, Any]:
-    return ds_config(j["stage"], micro=j["batch"] // world, gas=1, world=world, fira=fira_block(j))
+    cfg = ds_config(j["stage"], micro=j["batch"] // world, gas=1, world=world, fira=fira_block(j))
+    if j.get("persist"):  # ZeRO-3 keeps parameters below the threshold gathered (DeepSpeed's default 1e5)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 100_000
+    return cfg

@@ -302,6 +302,7 @@ W2_JOBS = [
     ("z1_lowrank", "deepspeed", "lowrank", {"stage": 1}), ("z2_lowrank", "deepspeed", "lowrank", {"stage": 2}),
     ("z3_lowrank", "deepspeed", "lowrank", {"stage": 3, "save_at": 3}),
     ("z3_lowrank_resumed", "deepspeed", "lowrank", {"stage": 3, "resume": 3}),
+    ("z3_persistent_lowrank", "deepspeed", "lowrank", {"stage": 3, "persist": True}),
     ("z0_lowrank", "deepspeed", "lowrank", {"stage": 0, "save_at": 3}),
     ("z0_lowrank_resumed", "deepspeed", "lowrank", {"stage": 0, "resume": 3}),
     ("fsdp2_fira", "fsdp2", "fira", {}), ("z3_fira", "deepspeed", "fira", {"stage": 3}), ("ddp_fira", "ddp", "fira", {}),
@@ -377,11 +378,12 @@ def assert_matches_one_process(j: dict, got: dict, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world, name", [(2, "fsdp2_lowrank"), (3, "fsdp2_lowrank"), (2, "z1_lowrank"),
-                                         (2, "z2_lowrank"), (2, "z3_lowrank"), (2, "z0_lowrank"),
+                                         (2, "z2_lowrank"), (2, "z3_lowrank"), (2, "z3_persistent_lowrank"),
+                                         (2, "z0_lowrank"),
                                          (2, "fsdp2_fira"), (3, "fsdp2_fira"), (2, "z3_fira"), (2, "ddp_fira")])
 def test_restarts_match_one_process(world, name, tmp_path_factory):
-    """Refactorization + momentum reset (lowrank) and momentum reset (Fira) under FSDP2, DeepSpeed ZeRO 0-3 and DDP
-    equal one process on the same global batch; every rank counted the same engine steps and reset on the same
+    """Refactorization + momentum reset (lowrank) and momentum reset (Fira) under FSDP2, DeepSpeed ZeRO 0-3 (ZeRO-3
+    also with its factors persistent, i.e. never released) and DDP equal one process on the same global batch; every rank counted the same engine steps and reset on the same
     step (every step counter is 2 = updates since the last reset); FSDP2 / DDP ranks hold the same state keys."""
     j, got = launch(world, tmp_path_factory)[name]
     assert_matches_one_process(j, got, f"{name} W={world}")
