@@ -4,7 +4,7 @@ for every strategy (single, ddp, fsdp2, deepspeed) on the same global batch.
 
 A job is a dict: {"name", "strategy", "method": "lowrank" (factorized, plain Adam, refactorized at each reset) |
 "fira" (Fira low-rank groups), "steps", "batch" (global), "K" (momentum_reset_interval), "R" (recovery_steps),
-"stage" (ZeRO), "save_at" / "resume" (checkpoint after / resume from that step), "ckpt" (a folder)}.
+"stage" (ZeRO), "persist" (ZeRO-3 persistent parameters), "save_at" / "resume" (checkpoint after / resume from that step), "ckpt" (a folder)}.
 """
 
 from __future__ import annotations
@@ -21,11 +21,7 @@ ADAM = {"lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 
 
 def job(name: str, strategy: str, method: str = "lowrank", **kw: Any) -> dict[str, Any]:
-    base = {"name": name, "strategy": strategy, "method": method, "steps": 10, "batch": 12, "K": 4, "R": 2}
-    if method == "fira":
-        base.update(steps=16, batch=16, K=10, R=2)  # resets at step 10 = 2 x update_proj_gap (refreshes unchanged)
-    base.update(kw)
-    return base
+    return {"name": name, "strategy": strategy, "method": method, "steps": 8, "batch": 12, "K": 3, "R": 2, **kw}
 
 
 def fira_block(j: dict[str, Any]) -> dict[str, Any]:

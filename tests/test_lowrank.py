@@ -295,8 +295,9 @@ def test_ds_config_block_builds_adam_with_resets():
 # ----------------------------------------------------------------------------------------------- multi-rank
 # Lowrank jobs: factorized tiny LLaMA (rank 8), plain Adam, K = 3, R = 2: resets (and refactorizations) after steps
 # 3 and 6 of 8, ramps on updates 4-5 and 7-8. Fira jobs: Fira's low-rank groups (rank 8, update_proj_gap 5), reset
-# after step 10 of 12 (its projector refresh coincides with the scheduled one, whose conditioning
-# tests/test_deepspeed.py checks). Saves at 3 (the reset is the next update) and 4 (mid-ramp).
+# after step 10 of 12 (its projector refresh coincides with the scheduled one, whose conditioning at global batch 16
+# tests/test_deepspeed.py checks; W=3 needs batch 12: measured as close). Saves at 3 (the reset is the next update)
+# and 4 (mid-ramp).
 W2_JOBS = [
     ("fsdp2_lowrank", "fsdp2", "lowrank", {"save_at": 4}), ("fsdp2_lowrank_resumed", "fsdp2", "lowrank", {"resume": 4}),
     ("z1_lowrank", "deepspeed", "lowrank", {"stage": 1}), ("z2_lowrank", "deepspeed", "lowrank", {"stage": 2}),
