@@ -41,9 +41,10 @@ KNOWN = ("adamw", "galore", "fira", "lowrank", "lowrank+restarts", "fira+reset",
 
 
 def method_flags(method: str, args: argparse.Namespace) -> list[str]:
-    """The `fira-dist pretrain` flags of a method name (see KNOWN): base optimizer, rank/alpha, resets."""
+    """The `fira-dist pretrain` flags of a method name (see KNOWN) after --optimizer: rank/alpha, resets (in the
+    order earlier versions wrote them, so that their finished runs are still reused)."""
     base, _, extra = method.partition("+")
-    flags = ["--optimizer", base]
+    flags = []
     if base == "lowrank":
         flags += ["--rank", str(args.rank), "--alpha", str(args.lowrank_alpha)]
     elif base != "adamw":
@@ -59,12 +60,12 @@ def run_one(name: str, args: argparse.Namespace, optimizer: str, lr: float, seed
     run_dir = out / "runs" / name
     nproc = 1 if strategy == "single" else 2
     flags = [
-        "--model", args.model, *method_flags(optimizer, args), "--lr", str(lr), "--seed", str(seed),
+        "--model", args.model, "--optimizer", optimizer.partition("+")[0], "--lr", str(lr), "--seed", str(seed),
         "--max-steps", str(args.steps), "--warmup-steps", str(max(1, args.steps // 10)),
         "--micro-batch-size", str(args.batch // nproc), "--seq-len", str(args.seq_len),
         "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
         "--save-every", "0", "--resume", "none", "--no-tensorboard", "--output-dir", str(run_dir),
-        "--strategy", strategy, "--log-every", str(max(1, args.steps // 10)),
+        "--strategy", strategy, "--log-every", str(max(1, args.steps // 10)), *method_flags(optimizer, args),
     ]
     if args.data:
         flags += ["--data", args.data]
