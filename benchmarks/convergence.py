@@ -1,4 +1,7 @@
-"""Convergence evidence: AdamW (full rank) vs GaLore vs Fira on the same small LLaMA, same token budget.
+"""Convergence evidence: AdamW (full rank) vs GaLore vs Fira on the same small LLaMA, same token budget; on request
+also the methods of Glentis et al. 2025 (arXiv 2505.22922): low-rank factorized training (lowrank), the same with
+restarts (lowrank+restarts: refactorization + momentum reset every --restart-every steps) and any optimizer with
+momentum resets (fira+reset, galore+reset, adamw+reset).
 
 Every run is a real `fira-dist pretrain` process (python -m fira_dist.pretrain), so what is measured is
 what users run. Single-process runs for each optimizer and seed; with --distributed also Fira under
@@ -7,13 +10,16 @@ DeepSpeed ZeRO-2 and FSDP2 with 2 processes on the same global batch (micro-batc
     python benchmarks/convergence.py --distributed --publish docs   # the README's Results (~45 min, 2 CPU cores)
     python benchmarks/convergence.py --smoke               # a minute: a tiny model, 1 seed, for the tests
     python benchmarks/convergence.py --data 'my/*.txt'     # any local text instead of the embedded corpus
+    python benchmarks/convergence.py --optimizers adamw,galore,fira,lowrank,lowrank+restarts,fira+reset
 
 Each optimizer gets the same learning-rate sweep (--lr-grid, seed 0); the best learning rate is then run
 with every seed (the seed-0 run is reused). Writes to --out (default results/convergence): runs/<name>/
 (each run's metrics), results.json, results.md (the tables) and val_loss.png (validation loss against
 tokens), and prints the tables; --publish DIR also copies results.md and val_loss.png to
 DIR/convergence.md and DIR/convergence_val_loss.png. Finished runs with the same flags are reused
-(--fresh reruns them). Rank ratio as the paper (LLaMA-60M: rank 128 of hidden 512, i.e. hidden/4), alpha 0.25.
+(--fresh reruns them). Rank ratio as the paper (LLaMA-60M: rank 128 of hidden 512, i.e. hidden/4), alpha 0.25;
+lowrank uses the same rank for its factors and --lowrank-alpha (32, theirs); restarts and resets every
+--restart-every steps with a --recovery-steps learning-rate ramp (theirs: 500 of 11k steps at 60M, 10).
 """
 
 from __future__ import annotations
@@ -31,6 +37,21 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+KNOWN = ("adamw", "galore", "fira", "lowrank", "lowrank+restarts", "fira+reset", "galore+reset", "adamw+reset")
+
+
+def method_flags(method: str, args: argparse.Namespace) -> list[str]:
+    """The `fira-dist pretrain` flags of a method name (see KNOWN) after --optimizer: rank/alpha, resets (in the
+    order earlier versions wrote them, so that their finished runs are still reused)."""
+    base, _, extra = method.partition("+")
+    flags = []
+    if base == "lowrank":
+        flags += ["--rank", str(args.rank), "--alpha", str(args.lowrank_alpha)]
+    elif base != "adamw":
+        flags += ["--rank", str(args.rank), "--alpha", str(args.alpha), "--update-proj-gap", str(args.update_proj_gap)]
+    if extra:  # "restarts" (lowrank: the trainer also refactorizes) or "reset"
+        flags += ["--momentum-reset-interval", str(args.restart_every), "--recovery-steps", str(args.recovery_steps)]
+    return flags
 
 
 def run_one(name: str, args: argparse.Namespace, optimizer: str, lr: float, seed: int, strategy: str,
@@ -39,15 +60,13 @@ def run_one(name: str, args: argparse.Namespace, optimizer: str, lr: float, seed
     run_dir = out / "runs" / name
     nproc = 1 if strategy == "single" else 2
     flags = [
-        "--model", args.model, "--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed),
+        "--model", args.model, "--optimizer", optimizer.partition("+")[0], "--lr", str(lr), "--seed", str(seed),
         "--max-steps", str(args.steps), "--warmup-steps", str(max(1, args.steps // 10)),
         "--micro-batch-size", str(args.batch // nproc), "--seq-len", str(args.seq_len),
         "--eval-every", str(args.eval_every), "--eval-batches", str(args.eval_batches),
         "--save-every", "0", "--resume", "none", "--no-tensorboard", "--output-dir", str(run_dir),
-        "--strategy", strategy, "--log-every", str(max(1, args.steps // 10)),
+        "--strategy", strategy, "--log-every", str(max(1, args.steps // 10)), *method_flags(optimizer, args),
     ]
-    if optimizer != "adamw":
-        flags += ["--rank", str(args.rank), "--alpha", str(args.alpha), "--update-proj-gap", str(args.update_proj_gap)]
     if args.data:
         flags += ["--data", args.data]
     if strategy == "deepspeed":
@@ -111,11 +130,20 @@ def free_port() -> int:
 
 
 def optimizer_state_bytes(args: argparse.Namespace, optimizer: str) -> int:
-    """Optimizer-state bytes of one process, from the memory estimator (same rules as the optimizer)."""
+    """Optimizer-state bytes of one process, from the memory estimator (same rules as the optimizer); lowrank
+    (which the estimator does not model yet): Adam's two fp32 moments of every parameter of the factorized model."""
     from fira_dist.memory import MemoryConfig, estimate
     from fira_dist.pretrain.data import load_tokenizer
 
-    cfg = MemoryConfig(model=args.model, optimizer=optimizer, rank=args.rank, strategy="single", world_size=1,
+    base = optimizer.partition("+")[0]
+    if base == "lowrank":
+        from fira_dist.lowrank import factorized_shapes
+        from fira_dist.pretrain import models as M
+
+        model = M.build_model(M.get_model_config(args.model, tokenizer=load_tokenizer()), device="meta")
+        shapes = factorized_shapes({n: tuple(p.shape) for n, p in model.named_parameters()}, args.rank)
+        return 2 * 4 * sum(math.prod(s) for s in shapes.values())
+    cfg = MemoryConfig(model=args.model, optimizer=base, rank=args.rank, strategy="single", world_size=1,
                        precision="fp32", micro_batch=args.batch, seq_len=args.seq_len,
                        vocab_size=len(load_tokenizer()))
     return int(estimate(cfg)["optimizer_states"])
@@ -134,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rank", type=int, help="projection rank (default hidden/4, the paper's ratio at 60M)")
     ap.add_argument("--alpha", type=float, default=0.25)
+    ap.add_argument("--lowrank-alpha", type=float, default=32.0, help="lowrank: W = (alpha / rank) B A (32)")
+    ap.add_argument("--restart-every", type=int, default=50,
+                    help="lowrank+restarts and OPT+reset: refactorization / momentum reset interval (50)")
+    ap.add_argument("--recovery-steps", type=int, help="learning-rate ramp after each reset (min(10, K - 1))")
     ap.add_argument("--update-proj-gap", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
@@ -141,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-grid", default="0.0025,0.005,0.01,0.02",
                     help="learning rates tried with seed 0 for each optimizer without --lr; the one with the lowest "
                          "final validation loss is then run with every seed (default %(default)s)")
-    ap.add_argument("--optimizers", default="adamw,galore,fira")
+    ap.add_argument("--optimizers", default="adamw,galore,fira",
+                    help=f"comma-separated methods of {', '.join(KNOWN)} (default %(default)s)")
     ap.add_argument("--distributed", action="store_true", help="also Fira under DeepSpeed ZeRO-2 and FSDP2, 2 processes")
     ap.add_argument("--distributed-seeds", type=int, default=1, help="seeds for the distributed runs (1)")
     ap.add_argument("--eval-every", type=int, default=50)
@@ -151,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--publish", metavar="DIR", help="also copy results.md and val_loss.png into DIR")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, 1 seed (for the tests)")
     args = ap.parse_args(argv)
-    known = ("adamw", "galore", "fira")
+    known = KNOWN
     optimizers = args.optimizers.split(",")
     for opt in optimizers:
         if opt not in known:
@@ -165,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             opt = ""
         if opt not in known:
             ap.error(f"--lr {item!r} not accepted; expected OPT=LR with OPT in {', '.join(known)} and LR a number")
+    if args.recovery_steps is None:
+        args.recovery_steps = min(10, args.restart_every - 1)
+    if args.restart_every < 1 or not 0 <= args.recovery_steps < args.restart_every:
+        ap.error(f"--restart-every {args.restart_every} / --recovery-steps {args.recovery_steps} not accepted; expected "
+                 "K >= 1 and R in [0, K - 1]")
     try:
         grid = [float(x) for x in args.lr_grid.split(",")]
     except ValueError:
@@ -172,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.model, args.steps, args.batch, args.seq_len, args.rank = "llama_tiny", 6, 4, 32, 16
         args.seeds, args.eval_every, args.eval_batches, args.update_proj_gap = 1, 3, 2, 3
+        args.restart_every, args.recovery_steps = 3, 1
         grid = grid[:2]
     if args.rank is None:
         from fira_dist.models import get_spec
@@ -208,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         final = [r["eval_last"]["eval_loss"] for r in rs]
         m, s = mean_std(final)
         rows.append({"config": key, "lr": lrs[opt], "seeds": len(rs), "val_loss_mean": m, "val_loss_std": s,
+                     "restart_every": args.restart_every if "+" in opt else None,
                      "val_ppl_mean": statistics.fmean(math.exp(x) for x in final),
                      "tokens": rs[0]["tokens"], "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in rs),
                      "optimizer_state_bytes": optimizer_state_bytes(args, opt), "final_losses": final})
@@ -219,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {r['tokens_per_s']:,.0f} |")
     header = (f"model {args.model}, {args.steps} steps x {args.batch} seqs x {args.seq_len} tokens, rank {args.rank}, "
               f"alpha {args.alpha}, update_proj_gap {args.update_proj_gap}, data {args.data or 'embedded corpus'}")
+    if any(o.startswith("lowrank") for o in optimizers):
+        header += f"; lowrank alpha {args.lowrank_alpha:g}"
+    if any("+" in o for o in optimizers):
+        header += f"; restarts / resets every {args.restart_every} steps, lr recovery {args.recovery_steps} steps"
     if sweep:
         table += ["", "Learning-rate sweep (seed 0, final validation loss; the lowest is used above):", "",
                   "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |",

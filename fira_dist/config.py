@@ -153,3 +153,59 @@ def normalize_group(group: dict[str, Any], where: str) -> None:
                 "'alpha': give one of them"
             )
         group["alpha"] = scale
+
+
+# The learning-rate multiplier of the first update after a momentum reset (Glentis et al. 2025's recovery ramp
+# starts at 0.001 x the scheduled value).
+RECOVERY_START = 1e-3
+DEFAULT_RECOVERY_STEPS = 10  # theirs; a recovery_steps left unset is min(10, interval - 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MomentumReset:
+    """When the optimizer forgets its moments, and how the learning rate recovers (arXiv 2505.22922).
+
+    ``interval`` K: before update K + 1, 2K + 1, ... (i.e. after every K completed engine steps) every parameter's
+    Adam moments and step count are zeroed (bias correction starts over), as if the optimizer were rebuilt.
+    ``recovery_steps`` R: the j-th update after a reset (j = 0, 1, ...) runs at ``lr_factor`` = 0.001 + 0.999 j / R
+    times the scheduled learning rate while j < R, then at 1x: a linear ramp applied inside the optimizer, on top of
+    whatever scheduler sets ``lr``. ``interval=None``: never (the factor is always 1). ``recovery_steps`` left
+    unset (None in ``from_values``): min(10, interval - 1).
+    """
+
+    interval: int | None = None
+    recovery_steps: int = 10
+
+    @classmethod
+    def from_values(cls, interval: Any, recovery_steps: Any, where_interval: str, where_recovery: str
+                    ) -> "MomentumReset":
+        """Validated; errors name the key (``where_*``), the value and what is accepted."""
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ValueError(f"{where_interval}={interval!r} is not accepted; expected an integer >= 1 (reset every "
+                             "that many steps) or None (never)")
+        if recovery_steps is None:
+            recovery_steps = DEFAULT_RECOVERY_STEPS if interval is None else min(DEFAULT_RECOVERY_STEPS, interval - 1)
+        if isinstance(recovery_steps, bool) or not isinstance(recovery_steps, int) or recovery_steps < 0:
+            raise ValueError(f"{where_recovery}={recovery_steps!r} is not accepted; expected an integer >= 0 (0: no "
+                             "learning-rate ramp after a reset)")
+        if interval is not None and recovery_steps >= interval:
+            raise ValueError(f"{where_recovery}={recovery_steps!r} is not accepted with {where_interval}={interval}; "
+                             f"expected an integer in [0, {interval - 1}] (the ramp must end before the next reset)")
+        return cls(interval=interval, recovery_steps=recovery_steps)
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval is not None
+
+    def due(self, completed: int) -> bool:
+        """Whether the update that follows ``completed`` engine steps starts with a reset."""
+        return self.interval is not None and completed > 0 and completed % self.interval == 0
+
+    def lr_factor(self, completed: int) -> float:
+        """The learning-rate multiplier of the update that follows ``completed`` engine steps."""
+        if self.interval is None or completed < self.interval or self.recovery_steps == 0:
+            return 1.0
+        j = completed % self.interval  # updates since the last reset
+        if j >= self.recovery_steps:
+            return 1.0
+        return RECOVERY_START + (1.0 - RECOVERY_START) * j / self.recovery_steps

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from fira_dist.config import GROUP_DEFAULTS, GroupOptions, normalize_group
+from fira_dist.config import GROUP_DEFAULTS, GroupOptions, MomentumReset, normalize_group
 from fira_dist.optimizer import Fira, param_groups
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,15 @@ ACCEPTED_KEYS: dict[str, Any] = {
     "correct_bias": True,
     "target_modules": DEFAULT_TARGET_MODULES,
     "comm_bucket_bytes": None,  # None: zero_optimization.reduce_bucket_size x the gradients' element size
+    "momentum_reset_interval": None,  # K: zero moments and step counts every K engine steps (None: never)
+    "recovery_steps": None,  # learning-rate ramp from 0.001x over this many updates after a reset (min(10, K - 1))
 }
 _HINTS = {"gamma": "limiter_gamma", "galore_scale": "alpha", "proj_gap": "update_proj_gap", "lowrank": "rank",
           "rank_r": "rank", "targets": "target_modules", "modules": "target_modules", "beta1": "betas",
           "beta2": "betas", "adam_w_mode": None, "torch_adam": None, "bucket_size": "comm_bucket_bytes",
-          "reduce_bucket_size": "comm_bucket_bytes", "comm_bucket_size": "comm_bucket_bytes"}
+          "reduce_bucket_size": "comm_bucket_bytes", "comm_bucket_size": "comm_bucket_bytes",
+          "cycle_length": "momentum_reset_interval", "reset_interval": "momentum_reset_interval",
+          "restart_every": "momentum_reset_interval", "recovery": "recovery_steps"}
 _FIRA_ONLY = ("limiter_gamma", "residual")  # meaningless with algorithm "galore"
 
 
@@ -61,7 +65,7 @@ _FIRA_ONLY = ("limiter_gamma", "residual")  # meaningless with algorithm "galore
 class FiraBlock:
     """The validated ``params`` of a "fira" optimizer block."""
 
-    defaults: dict[str, Any]  # Fira(...) keyword arguments (every group)
+    defaults: dict[str, Any]  # Fira(...) keyword arguments (every group, and the optimizer-wide reset options)
     lowrank: dict[str, Any]  # keys of the low-rank group (rank, update_proj_gap, alpha, proj_type, ...)
     target_modules: tuple[str, ...]
 
@@ -76,7 +80,10 @@ def is_fira_config(config: Mapping[str, Any] | None) -> bool:
 
 
 def parse_fira_block(params: Mapping[str, Any] | None, where: str = WHERE) -> FiraBlock:
-    """Validate a "fira" block's ``params``; every error names the key, the value and what is accepted."""
+    """Validate a "fira" block's ``params``; every error names the key, the value and what is accepted.
+
+    ``"rank": null`` puts every parameter in one plain-Adam group (no low-rank matrices): Adam with Fira's
+    momentum resets, e.g. for a low-rank factorized model (``fira_dist.lowrank``)."""
     if params is not None and not isinstance(params, Mapping):
         raise ValueError(f"{where} must be a JSON object, got {type(params).__name__}")
     params = dict(params or {})
@@ -105,6 +112,8 @@ def parse_fira_block(params: Mapping[str, Any] | None, where: str = WHERE) -> Fi
             if key in params:
                 raise ValueError(f"{where}[{key!r}]={params[key]!r} is only used by algorithm 'fira'; with "
                                  "algorithm='galore' (low-rank Adam, no residual, no limiter) remove it")
+    MomentumReset.from_values(params.get("momentum_reset_interval"), params.get("recovery_steps"),
+                              f"{where}['momentum_reset_interval']", f"{where}['recovery_steps']")
     group = {k: (ACCEPTED_KEYS[k] if k not in params else params[k]) for k in ACCEPTED_KEYS
              if k not in ("target_modules", "scale", "comm_bucket_bytes")}
     if "scale" in params:
@@ -125,7 +134,7 @@ def parse_fira_block(params: Mapping[str, Any] | None, where: str = WHERE) -> Fi
         raise ValueError(f"{where}['correct_bias']={group['correct_bias']!r} is not accepted; expected true or false")
     GroupOptions.from_group(group, where=where)  # ranges and enum values, named
     lowrank_keys = ("rank", "update_proj_gap", "alpha", "proj_type")
-    defaults = {k: v for k, v in group.items() if k not in lowrank_keys}
+    defaults = {k: v for k, v in group.items() if k not in lowrank_keys}  # with the optimizer-wide reset options
     defaults["update_proj_gap"] = group["update_proj_gap"]
     defaults["alpha"] = group["alpha"]
     defaults["proj_type"] = group["proj_type"]
@@ -185,9 +194,12 @@ def build_optimizer(model: torch.nn.Module, block: FiraBlock, model_parameters: 
             else:
                 allowed.add(id(item[1] if isinstance(item, tuple) else item))
     low_keys = dict(block.lowrank)
-    groups = param_groups(model, target_modules=block.target_modules, rank=low_keys.pop("rank"),
-                          update_proj_gap=low_keys.pop("update_proj_gap"), alpha=low_keys.pop("alpha"),
-                          proj_type=low_keys.pop("proj_type"))
+    if low_keys["rank"] is None:  # "rank": null: one plain-Adam group
+        groups = [{"params": [(n, p) for n, p in model.named_parameters() if p.requires_grad]}]
+    else:
+        groups = param_groups(model, target_modules=block.target_modules, rank=low_keys.pop("rank"),
+                              update_proj_gap=low_keys.pop("update_proj_gap"), alpha=low_keys.pop("alpha"),
+                              proj_type=low_keys.pop("proj_type"))
     out = []
     for g in groups:
         params = [p for _, p in g["params"] if allowed is None or id(p) in allowed]
@@ -197,7 +209,7 @@ def build_optimizer(model: torch.nn.Module, block: FiraBlock, model_parameters: 
             by_wd.setdefault(wd_of.get(id(p)), []).append(p)
         for wd, ps in by_wd.items():
             out.append({"params": ps, **extra, **({} if wd is None else {"weight_decay": wd})})
-    if not any(g.get("rank") for g in out if g["params"]):
+    if block.lowrank["rank"] is not None and not any(g.get("rank") for g in out if g["params"]):
         raise ValueError(f"{WHERE}['target_modules']={list(block.target_modules)!r} selected no trainable parameter")
     opt = Fira([g for g in out if g["params"]], layout="single", **block.defaults)
     opt.layout = FlatPartition(opt)

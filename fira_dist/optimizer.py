@@ -18,10 +18,15 @@ import torch
 from torch import nn
 
 from fira_dist import reference_state
-from fira_dist.config import GROUP_DEFAULTS, GroupOptions, normalize_group
+from fira_dist.config import GROUP_DEFAULTS, GroupOptions, MomentumReset, normalize_group
 from fira_dist.projector import lowrank_shape, projector_shape, side_for
 
 log = logging.getLogger(__name__)
+
+# The param-group key that carries the engine-step count in checkpoints when momentum resets are on.
+CLOCK_KEY = "global_step"
+# State tensors a momentum reset keeps (a projector is replaced at the next step's refresh anyway).
+KEPT_AT_RESET = ("projector",)
 
 
 @dataclasses.dataclass
@@ -69,6 +74,21 @@ class Fira(torch.optim.Optimizer):
             weight pieces, gathered values, projector refreshes); larger exchanges run in rounds, and a matrix
             larger than the budget moves alone. None: 64 MiB, or under DeepSpeed its ``reduce_bucket_size`` x
             the gradient's element size (see fira_dist.layouts.plan).
+        momentum_reset_interval: K >= 1, or None (default: never). After every K completed steps, before the next
+            update, every parameter's moments and step count are zeroed, for every kind of group (low-rank Fira and
+            GaLore moments, plain Adam): a fresh start, as the optimizer rebuild of Glentis et al. 2025 (arXiv
+            2505.22922). The step count going to 0 also refreshes every projector at the next step and restarts the
+            norm-growth limiter (no previous norm), as a new optimizer would; projector tensors keep their values
+            until that refresh. Keys and shapes of the state do not change (tensors are zeroed in place), so
+            checkpoints and DCP resharding work as before.
+        recovery_steps: R in [0, K - 1] (default min(10, K - 1)): the j-th update after a reset runs at
+            (0.001 + 0.999 j / R) times the group's ``lr``, j < R; applied inside step(), so it works under any
+            scheduler (ours, DeepSpeed's, the Hugging Face Trainer's), which keeps setting ``lr`` as if there were
+            no resets.
+
+    The reset clock is the number of engine steps taken (``global_step``: one per ``step()`` call, or per ZeRO engine
+    step however many times DeepSpeed calls ``step()`` in it); with resets on it is saved in every param group as
+    ``"global_step"`` and restored by ``load_state_dict``, so a resumed run resets and ramps on the same steps.
     """
 
     def __init__(
@@ -92,6 +112,8 @@ class Fira(torch.optim.Optimizer):
         layout: Any = "auto",
         process_group: Any = None,
         comm_bucket_bytes: int | None = None,
+        momentum_reset_interval: int | None = None,
+        recovery_steps: int | None = None,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
@@ -99,6 +121,8 @@ class Fira(torch.optim.Optimizer):
             limiter_gamma=limiter_gamma, residual=residual, projector=projector, state_dtype=state_dtype,
         )
         GroupOptions.from_group(defaults, where="Fira(...)")  # validate the constructor's arguments
+        self.momentum_reset = MomentumReset.from_values(
+            momentum_reset_interval, recovery_steps, "Fira(momentum_reset_interval)", "Fira(recovery_steps)")
         super().__init__(params, defaults)
         self.skip_nonfinite = skip_nonfinite
         from fira_dist.layouts.plan import DEFAULT_COMM_BUCKET_BYTES, check_comm_bucket_bytes
@@ -118,6 +142,8 @@ class Fira(torch.optim.Optimizer):
         normalize_group(param_group, where)
         if param_group.get("rank") is None:
             param_group.pop("rank", None)
+        if getattr(self, "momentum_reset", None) is not None and self.momentum_reset.enabled:
+            param_group.setdefault(CLOCK_KEY, getattr(self, "global_step", 0))
         super().add_param_group(param_group)
         GroupOptions.from_group(self.param_groups[-1], where=where)
 
@@ -189,9 +215,25 @@ class Fira(torch.optim.Optimizer):
                 if isinstance(val, torch.Tensor) else val
                 for key, val in v.items()
             }
+        clocks = [int(g[CLOCK_KEY]) for g in self.param_groups if CLOCK_KEY in g]
+        if clocks:  # the reset clock of a checkpoint written with momentum resets on
+            self.global_step = max(clocks)
+            if hasattr(self.layout, "engine_step"):  # a layout that counts engine steps itself (DeepSpeed)
+                self.layout.engine_step = self.global_step
+        if self.momentum_reset.enabled:
+            for g in self.param_groups:
+                g[CLOCK_KEY] = self.global_step
         after_load = getattr(self.layout, "after_load_state_dict", None)
         if after_load is not None:  # a distributed layout moves the loaded state where it lives (may be collective)
             after_load()
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's; with momentum resets on, every saved group carries the engine-step count (``CLOCK_KEY``)."""
+        sd = super().state_dict()
+        if self.momentum_reset.enabled:
+            for g in sd["param_groups"]:
+                g[CLOCK_KEY] = self.global_step
+        return sd
 
     def _name_of(self, p: torch.Tensor) -> str:
         for group in self.param_groups:
@@ -240,15 +282,72 @@ class Fira(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # A layout that sees something other than whole parameters (DeepSpeed ZeRO's flat partitions) builds
-        # its own tasks, and counts engine steps itself (ZeRO calls step() once per group or sub-group).
-        self.layout.step(self.layout.tasks() if hasattr(self.layout, "tasks") else self.tasks())
+        # Under ZeRO, param_groups holds only the group (sub-group) DeepSpeed steps now: a reset zeroes the state of
+        # what this call updates, before updating it, so every group is reset once per engine step before its update.
+        completed = self.completed_steps()
+        if self.momentum_reset.due(completed):
+            self.reset_momentum_()
+        factor = self.momentum_reset.lr_factor(completed)
+        saved = [(g, g["lr"]) for g in self.param_groups] if factor != 1.0 else []
+        try:
+            for g, lr in saved:  # the recovery ramp, on top of whatever the scheduler set
+                g["lr"] = lr * factor
+            # A layout that sees something other than whole parameters (DeepSpeed ZeRO's flat partitions) builds
+            # its own tasks, and counts engine steps itself (ZeRO calls step() once per group or sub-group).
+            self.layout.step(self.layout.tasks() if hasattr(self.layout, "tasks") else self.tasks())
+        finally:
+            for g, lr in saved:
+                g["lr"] = lr
         self.global_step = getattr(self.layout, "engine_step", self.global_step + 1)
+        if self.momentum_reset.enabled:
+            for g in self.param_groups:
+                g[CLOCK_KEY] = self.global_step
         return loss
+
+    # ------------------------------------------------------------------ momentum reset
+    def completed_steps(self) -> int:
+        """Engine steps completed before the coming update (the layout's count under DeepSpeed ZeRO)."""
+        return int(getattr(self.layout, "engine_step", self.global_step))
+
+    def momentum_reset_due(self) -> bool:
+        """Whether the next step() starts with a momentum reset (e.g. to refactorize a low-rank model first)."""
+        return self.momentum_reset.due(self.completed_steps())
+
+    def lr_factor(self) -> float:
+        """The recovery ramp's multiplier of ``lr`` for the next step() (1.0 outside a ramp)."""
+        return self.momentum_reset.lr_factor(self.completed_steps())
+
+    @torch.no_grad()
+    def reset_momentum_(self) -> int:
+        """Zero, in place, the state of every parameter in ``param_groups`` (all of them, or the group DeepSpeed is
+        stepping): moments, limiter norms and step counters; projectors are kept until the next refresh, which the
+        zero step count makes due. Walks nested dicts (the ZeRO layout keeps per-matrix state under the flat
+        partition) and DTensors by their local tensor; other values (layout metadata) are left alone. No
+        collectives: every rank zeroes what it holds. Returns the number of tensors zeroed."""
+        count = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st:
+                    count += _zero_state_(st)
+        return count
 
     def comm_stats(self) -> dict[str, Any]:
         """Bytes moved by this optimizer's collectives (see fira_dist.comm)."""
         return self.layout.comm_stats()
+
+
+def _zero_state_(st: dict[str, Any]) -> int:
+    n = 0
+    for key, val in st.items():
+        if isinstance(val, dict):
+            n += _zero_state_(val)
+        elif isinstance(val, torch.Tensor) and key not in KEPT_AT_RESET:
+            (val.to_local() if hasattr(val, "to_local") else val).zero_()
+            n += 1
+        elif key == "step" and isinstance(val, (int, float)):
+            st[key] = type(val)(0)
+    return n
 
 
 def param_groups(

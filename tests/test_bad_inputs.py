@@ -138,6 +138,16 @@ CASES = [
         "a checkpoint folder with manifest.json"),
     cli("output-dir-under-file", ["--output-dir", "{tmp}/file.txt/run"], "--output-dir=", "cannot be created",
         dry_run=False),
+    cli("momentum-reset-interval", ["--momentum-reset-interval", "0"], "--momentum-reset-interval=0 is not accepted; "
+        "expected an integer >= 1"),
+    cli("recovery-steps", ["--momentum-reset-interval", "50", "--recovery-steps", "-1"],
+        "--recovery-steps=-1 is not accepted; expected an integer >= 0"),
+    cli("recovery-steps-alone", ["--recovery-steps", "5"], "--recovery-steps=5 is only accepted with "
+        "--momentum-reset-interval K"),
+    cli("recovery-steps-too-long", ["--momentum-reset-interval", "5", "--recovery-steps", "5"],
+        "--recovery-steps=5 is not accepted; expected an integer in [0, --momentum-reset-interval - 1 = 4]"),
+    cli("lowrank-rank", ["--optimizer", "lowrank", "--rank", "65"], "--rank=65", "with --optimizer lowrank",
+        "rank=65 is not accepted for model.layers.0.self_attn.q_proj.weight (64 x 64); expected an integer in [1, 64]"),
     # ------------------------------------------------------------------------------------------- ds_config
     ds("fira-unknown-key", fira(gamma=1.01), "has unknown key 'gamma'", "did you mean 'limiter_gamma'",
        "accepted keys"),
@@ -158,6 +168,14 @@ CASES = [
     ds("fira-target-modules-str", fira(target_modules="attn"), "['target_modules']='attn' is not accepted",
        "non-empty list"),
     ds("fira-target-modules-nomatch", fira(target_modules=["conv"]), "matched no nn.Linear", "conv"),
+    ds("fira-reset-interval", fira(momentum_reset_interval=0), "optimizer.params['momentum_reset_interval']=0 is not "
+       "accepted; expected an integer >= 1"),
+    ds("fira-recovery-steps", fira(momentum_reset_interval=100, recovery_steps=100),
+       "optimizer.params['recovery_steps']=100 is not accepted with", "expected an integer in [0, 99]"),
+    ds("lowrank-fira-rank", fira(rank=8), "optimizer.params.rank=8 is not accepted with --optimizer lowrank; "
+       "expected null", argv=("--optimizer", "lowrank")),
+    ds("reset-adamw-block", {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "optimizer.type='AdamW' is "
+       "not accepted with --momentum-reset-interval=10", "\"rank\": null", argv=("--momentum-reset-interval", "10")),
     ds("fira-params-not-object", {"optimizer": {"type": "fira", "params": [1]}},
        "optimizer.params must be a JSON object"),
     ds("optimizer-no-type", {"optimizer": {"params": {}}}, "optimizer must be an object with a \"type\""),

@@ -465,7 +465,8 @@ class FlatPartition(FlatState):
         if self._just_loaded:  # the checkpoint holds every rank's state: keep only what this rank owns
             self._just_loaded = False
             steps = [int(st["step"]) for st in self.opt.state.values() if "step" in st]
-            self.engine_step = max(steps, default=self.engine_step)
+            # a momentum reset zeroes the step counters: the engine-step count Fira.load_state_dict restored wins
+            self.engine_step = max([self.engine_step, *steps])
             for p in [p for p in self.opt.state if id(p) in self.units and self.units[id(p)].owner != me]:
                 del self.opt.state[p]
         mine = [t for t in tasks if self.units[id(t.param)].owner == me]

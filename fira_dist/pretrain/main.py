@@ -1,4 +1,5 @@
-"""``fira-dist pretrain`` (also ``python -m fira_dist.pretrain``): pretrain a LLaMA with Fira, GaLore or AdamW.
+"""``fira-dist pretrain`` (also ``python -m fira_dist.pretrain``): pretrain a LLaMA with Fira, GaLore, AdamW or
+low-rank factorized weights (``--optimizer lowrank``; with ``--momentum-reset-interval`` also restarts).
 
     # one process, the embedded corpus and tokenizer (no network)
     fira-dist pretrain --model llama_tiny --max-steps 50 --output-dir runs/tiny
@@ -12,7 +13,8 @@ This file is the training loop (``Trainer.run``): for each optimizer step, ``--g
 forward/backward (gradient sync on the last one only); one all-reduce of
 [loss, non-finite flag, stop flag, squared gradient norm] so that every rank takes the same decision;
 skip the update when the step is non-finite, else clip (``--grad-clip``) and step with the warm-up +
-cosine learning rate; log; evaluate every ``--eval-every`` steps; checkpoint every ``--save-every`` steps;
+cosine learning rate (times the optimizer's recovery ramp after a momentum reset); for low-rank training with
+restarts, refactorize the factors after every step that completes a reset interval; log; evaluate every ``--eval-every`` steps; checkpoint every ``--save-every`` steps;
 on SIGTERM/SIGUSR1 checkpoint and exit 3. Flags, their validation, exit codes and the dry run: plan.py.
 """
 
@@ -106,6 +108,10 @@ class Trainer:
         if plan.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if plan.optimizer == "lowrank":  # before any wrapper (FSDP2, DDP, DeepSpeed) sees the parameters
+            from fira_dist import lowrank
+
+            lowrank.factorize(model, plan.target_modules, rank=plan.rank, alpha=plan.alpha)
         self.n_params = n_params
         self.engine = None
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) \
@@ -126,6 +132,10 @@ class Trainer:
                 torch.manual_seed(plan.seed)
                 with torch.no_grad():
                     model.apply(model._init_weights)
+                    if plan.optimizer == "lowrank":
+                        from fira_dist import lowrank
+
+                        lowrank.reset_factors_(model)
             self.fwd = model
         else:
             model.to(self.device)
@@ -142,7 +152,14 @@ class Trainer:
 
         import fira_dist
 
+        from fira_dist.pretrain.plan import ADAM_EPS
+
         plan = self.plan
+        resets = {} if plan.momentum_reset_interval is None else {
+            "momentum_reset_interval": plan.momentum_reset_interval, "recovery_steps": plan.recovery_steps}
+        if plan.optimizer in ("adamw", "lowrank") and plan.fira_optimizer:  # Adam with resets / on the factors
+            return fira_dist.Fira([{"params": [(n, p) for n, p in model.named_parameters() if p.requires_grad]}],
+                                  lr=plan.lr, eps=ADAM_EPS, weight_decay=plan.weight_decay, **resets)
         if plan.optimizer == "adamw":
             return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=plan.lr,
                                      weight_decay=plan.weight_decay)
@@ -152,7 +169,7 @@ class Trainer:
                                             update_proj_gap=plan.update_proj_gap, alpha=plan.alpha, **extra)
         except ValueError as e:
             raise UsageError(f"--target-modules={','.join(plan.target_modules)!r}: {e}") from None
-        return fira_dist.Fira(groups, lr=plan.lr, weight_decay=plan.weight_decay)
+        return fira_dist.Fira(groups, lr=plan.lr, weight_decay=plan.weight_decay, **resets)
 
     def _build_deepspeed(self, model) -> None:
         import torch
@@ -244,6 +261,14 @@ class Trainer:
         """Looked up each time: load_state_dict replaces the optimizer's group dicts."""
         return (self.engine.optimizer if self.engine is not None else self.optimizer).param_groups
 
+    @property
+    def fira(self):
+        """The fira_dist.Fira this run steps (under DeepSpeed the engine's client optimizer), or None."""
+        import fira_dist
+
+        opt = self.engine.basic_optimizer if self.engine is not None else self.optimizer
+        return opt if isinstance(opt, fira_dist.Fira) else None
+
     def _set_lr(self, step: int) -> float:
         plan = self.plan
         if plan.ds_scheduler:
@@ -308,7 +333,7 @@ class Trainer:
                 time.sleep(0.2)
             os._exit(EXIT_ERROR)
         t0 = time.perf_counter()
-        lr = self._set_lr(self.step)
+        lr = self._set_lr(self.step) * (self.fira.lr_factor() if self.fira is not None else 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(plan.grad_accum):
             batch = next(self.train_iter)
@@ -343,6 +368,12 @@ class Trainer:
                     torch._foreach_mul_(grads, coef)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        if not bad and plan.refactorize and self.fira.momentum_reset_due():
+            from fira_dist import lowrank
+
+            stats = lowrank.refactorize(self.model, engine=self.engine)  # the optimizer resets its moments next
+            log.info("step %d: refactorized %d factor pairs (%.2f s); momentum reset at the next step", self.step + 1,
+                     stats["matrices"], stats["seconds"])
         self.step += 1
         if bad:
             self.counters["skipped_steps"] += 1
@@ -481,7 +512,9 @@ class Trainer:
         return {
             "model": plan.model, "params": self.n_params, "strategy": plan.strategy, "zero_stage": plan.zero_stage,
             "world_size": self.world, "backend": _backend(), "optimizer": plan.optimizer, "rank": plan.rank,
-            "bf16": plan.bf16, "exit_code": code, "reason": reason, "start_step": self.start_step, "end_step": self.step,
+            "bf16": plan.bf16, "momentum_reset_interval": plan.momentum_reset_interval,
+            "recovery_steps": plan.recovery_steps,
+            "exit_code": code, "reason": reason, "start_step": self.start_step, "end_step": self.step,
             "max_steps": plan.max_steps, "tokens_per_step": plan.tokens_per_step, "tokens": self.counters["tokens"],
             "skipped_steps": self.counters["skipped_steps"],
             "loss_first": good[0]["loss"] if good else None,
@@ -507,6 +540,8 @@ def _backend() -> str | None:
 def format_summary(s: dict[str, Any]) -> str:
     strat = s["strategy"] + (f" ZeRO-{s['zero_stage']}" if s["strategy"] == "deepspeed" else "")
     opt = s["optimizer"] + (f" (rank {s['rank']})" if s["optimizer"] != "adamw" else "")
+    if s.get("momentum_reset_interval"):
+        opt += f", momentum reset every {s['momentum_reset_interval']} steps"
     lines = ["", "=" * 24 + " fira-dist pretrain summary " + "=" * 24,
              f"model        {s['model']} ({s['params'] / 1e6:.2f}M params), {opt}, {strat} x {s['world_size']} "
              f"rank(s), {'bf16' if s['bf16'] else 'fp32'}",

@@ -42,7 +42,9 @@ from fira_dist.pretrain.train_utils import EXIT_OK
 log = logging.getLogger("fira_dist.pretrain")
 
 STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")
-OPTIMIZERS = ("fira", "galore", "adamw")
+OPTIMIZERS = ("fira", "galore", "adamw", "lowrank")
+LOWRANK_ALPHA, LOWRANK_LR = 32.0, 0.0015  # Glentis et al. 2025's LLaMA-60M low-rank recipe (with rank 128)
+ADAM_EPS = 1e-8  # torch AdamW's eps, for the plain-Adam fira_dist.Fira of lowrank (and adamw with resets)
 FSDP_META_INIT_PARAMS = 1_000_000_000  # --init auto: FSDP2 models above this size are built on the meta device
 
 
@@ -58,8 +60,8 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------- flags
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fira-dist pretrain", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="Pretrain a LLaMA (transformers LlamaForCausalLM) with Fira, GaLore or AdamW under one "
-                            "process, DDP, FSDP2 or DeepSpeed.",
+                description="Pretrain a LLaMA (transformers LlamaForCausalLM) with Fira, GaLore, AdamW or low-rank "
+                            "factorized weights under one process, DDP, FSDP2 or DeepSpeed.",
                 epilog=__doc__[__doc__.index("Exit codes"):])
     g = p.add_argument_group("model and strategy")
     g.add_argument("--model", default="llama_60m",
@@ -81,16 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "device and initialise the shards (meta; needed for big models). auto: meta above 1B params")
 
     g = p.add_argument_group("optimizer (defaults: the model's Fira hyper-parameters, fira_dist.models)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default fira")
-    g.add_argument("--rank", type=int, help="Fira/GaLore projection rank")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="default fira. lowrank: every target nn.Linear becomes trainable factors B (m x r), A (r x n) "
+                        "used as (alpha / r) B A (fira_dist.lowrank; Glentis et al. 2025), everything trained with "
+                        "Adam (fira_dist.Fira's plain Adam, eps 1e-8); defaults --alpha 32, --lr 0.0015")
+    g.add_argument("--rank", type=int, help="Fira/GaLore projection rank; lowrank: the factors' rank (<= the "
+                                            "smallest matrix dimension)")
     g.add_argument("--update-proj-gap", type=int, help="steps between projector (SVD) refreshes")
-    g.add_argument("--alpha", type=float, help="scale of the low-rank update (GaLore's 'scale')")
+    g.add_argument("--alpha", type=float, help="scale of the low-rank update (GaLore's 'scale'); lowrank: W = (alpha "
+                                               "/ rank) B A (default 32)")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default 0)")
     g.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off; default: the "
                                                      "model's, 0 below 3B)")
     g.add_argument("--target-modules", help="comma-separated substrings of nn.Linear module names that get the "
                                             "low-rank treatment (default attn,mlp)")
+    g.add_argument("--momentum-reset-interval", type=int, metavar="K",
+                   help="every K steps zero every parameter's Adam moments and step count (bias correction starts "
+                        "over; Fira/GaLore projectors are recomputed and the limiter restarts) and ramp the learning "
+                        "rate back from 0.001x over --recovery-steps; with --optimizer lowrank the factors are also "
+                        "refactorized (B = U sqrt(S), A = sqrt(S) V^T of B A) at those steps: low-rank training with "
+                        "restarts. Any optimizer (adamw then runs as fira_dist.Fira's plain Adam, eps 1e-8). Glentis "
+                        "et al. 2025: 500 at 60M, 200 at 1B. Default: never")
+    g.add_argument("--recovery-steps", type=int, metavar="R",
+                   help="with --momentum-reset-interval: the j-th update after a reset runs at (0.001 + 0.999 j / R) "
+                        "x the scheduled lr, j < R (default min(10, K - 1); 0: no ramp)")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 10%% of --max-steps)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine ends at this fraction of --lr (0.1)")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: the model's num_training_steps)")
@@ -176,6 +193,8 @@ class Plan:
     optimizer: str
     rank: int
     update_proj_gap: int
+    momentum_reset_interval: int | None
+    recovery_steps: int
     alpha: float
     lr: float
     weight_decay: float
@@ -216,6 +235,16 @@ class Plan:
     inject_signal_at: int | None
     inject_hang_at: int | None
     notes: list[str]
+
+    @property
+    def refactorize(self) -> bool:
+        """Low-rank training with restarts: refactorize the factors at every momentum reset."""
+        return self.optimizer == "lowrank" and self.momentum_reset_interval is not None
+
+    @property
+    def fira_optimizer(self) -> bool:
+        """Whether the run's optimizer is fira_dist.Fira (everything but adamw without resets)."""
+        return self.optimizer != "adamw" or self.momentum_reset_interval is not None
 
     @property
     def world_size(self) -> int:
@@ -262,7 +291,8 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
     for name, lo in (("rank", 1), ("update-proj-gap", 1), ("max-steps", 1), ("micro-batch-size", 1),
                      ("grad-accum", 1), ("total-batch-size", 1), ("seq-len", 2), ("eval-every", 0),
                      ("eval-batches", 0), ("log-every", 1), ("save-every", 0), ("keep-last", 0), ("seed", 0),
-                     ("max-bad-steps", 1), ("warmup-steps", 0), ("max-documents", 1), ("dry-run-world-size", 1)):
+                     ("max-bad-steps", 1), ("warmup-steps", 0), ("max-documents", 1), ("dry-run-world-size", 1),
+                     ("momentum-reset-interval", 1), ("recovery-steps", 0)):
         _int_at_least(args, name, lo)
     for name, lo_open in (("alpha", True), ("lr", True), ("weight-decay", False), ("grad-clip", False),
                           ("dist-timeout", True)):
@@ -318,10 +348,21 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
         notes.append(f"--model {args.model} is a config file: optimizer defaults are llama_60m's")
 
     optimizer = args.optimizer or "fira"
+    lowrank = optimizer == "lowrank"
     rank = args.rank or min(hp.rank, config.hidden_size)
     update_proj_gap = args.update_proj_gap or hp.update_proj_gap
-    alpha = args.alpha if args.alpha is not None else hp.alpha
-    lr = args.lr if args.lr is not None else hp.lr
+    alpha = args.alpha if args.alpha is not None else (LOWRANK_ALPHA if lowrank else hp.alpha)
+    lr = args.lr if args.lr is not None else (LOWRANK_LR if lowrank else hp.lr)
+    reset_interval = args.momentum_reset_interval
+    recovery_steps = args.recovery_steps
+    if recovery_steps is None:
+        recovery_steps = 10 if reset_interval is None else min(10, reset_interval - 1)
+    if args.recovery_steps is not None and reset_interval is None:
+        raise UsageError(f"--recovery-steps={args.recovery_steps} is only accepted with --momentum-reset-interval K")
+    if reset_interval is not None:
+        _need(recovery_steps < reset_interval, "recovery-steps", recovery_steps,
+              f"an integer in [0, --momentum-reset-interval - 1 = {reset_interval - 1}] (the ramp ends before the "
+              "next reset)")
     weight_decay = args.weight_decay if args.weight_decay is not None else hp.weight_decay
     grad_clip = args.grad_clip if args.grad_clip is not None else hp.grad_clipping
     max_steps = args.max_steps or hp.num_training_steps
@@ -337,6 +378,10 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
         for name in ("rank", "update-proj-gap", "alpha", "target-modules"):
             if name in explicit:
                 notes.append(f"--{name} is ignored with --optimizer adamw")
+    if lowrank:
+        if "update-proj-gap" in explicit:
+            notes.append("--update-proj-gap is ignored with --optimizer lowrank (no projector)")
+        _check_lowrank_rank(config, target_modules, rank)
     mbs = args.micro_batch_size or 8
     grad_accum = args.grad_accum or 1
     bf16 = bool(args.bf16)
@@ -345,10 +390,11 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
     ds_config, zero_stage, ds_scheduler = None, None, False
     if strategy == "deepspeed":
         (ds_config, zero_stage, ds_scheduler, optimizer, lr, weight_decay, rank, update_proj_gap, alpha, grad_clip,
-         mbs, grad_accum, bf16, target_modules) = _merge_ds_config(
+         mbs, grad_accum, bf16, target_modules, reset_interval, recovery_steps) = _merge_ds_config(
             args, explicit, launch, notes, optimizer=optimizer, lr=lr, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, alpha=alpha, grad_clip=grad_clip, mbs=mbs, grad_accum=grad_accum,
-            bf16=bf16, target_modules=target_modules, total=args.total_batch_size)
+            bf16=bf16, target_modules=target_modules, total=args.total_batch_size, reset_interval=reset_interval,
+            recovery_steps=recovery_steps)
     elif args.total_batch_size is not None:
         per = mbs * launch.world_size
         if args.total_batch_size % per:
@@ -407,6 +453,7 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
         deepspeed_path=args.deepspeed, ds_config=ds_config, zero_stage=zero_stage, bf16=bf16,
         activation_checkpointing=args.activation_checkpointing, attn_implementation=args.attn_implementation,
         device_request=args.device, init=args.init, optimizer=optimizer, rank=rank, update_proj_gap=update_proj_gap,
+        momentum_reset_interval=reset_interval, recovery_steps=recovery_steps,
         alpha=alpha, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, target_modules=target_modules,
         warmup_steps=warmup, min_lr_ratio=args.min_lr_ratio, max_steps=max_steps, ds_scheduler=ds_scheduler,
         micro_batch_size=mbs, grad_accum=grad_accum, seq_len=seq_len, data=args.data, eval_data=args.eval_data,
@@ -419,6 +466,19 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
         max_bad_steps=args.max_bad_steps, dist_timeout=args.dist_timeout, dry_run=args.dry_run, launch=launch,
         inject_nan_at=frozenset(nan_at), inject_signal_at=args.inject_signal_at, inject_hang_at=args.inject_hang_at,
         notes=notes)
+
+
+def _check_lowrank_rank(config: Any, target_modules: tuple[str, ...], rank: int) -> None:
+    """--rank must fit every matrix --optimizer lowrank factorizes (checked on the meta-device model)."""
+    from fira_dist.lowrank import factorized_shapes
+    from fira_dist.pretrain import models as M
+
+    model = M.build_model(config, device="meta")
+    try:
+        factorized_shapes({n: tuple(p.shape) for n, p in model.named_parameters()}, rank, target_modules)
+    except ValueError as e:
+        raise UsageError(f"--rank={rank} / --target-modules={','.join(target_modules)!r} with --optimizer lowrank: "
+                         f"{e}") from None
 
 
 def _check_resume_compat(path: Path, strategy: str, optimizer: str, config: Any, world: int, seq_len: int,
@@ -451,7 +511,7 @@ def _check_resume_compat(path: Path, strategy: str, optimizer: str, config: Any,
 
 
 def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_decay, rank, update_proj_gap, alpha,
-                     grad_clip, mbs, grad_accum, bf16, target_modules, total):
+                     grad_clip, mbs, grad_accum, bf16, target_modules, total, reset_interval, recovery_steps):
     """Read, validate and complete the ds_config. Returns the merged dict and the values the run will use."""
     path = args.deepspeed
     src = f"--deepspeed={path!r}"
@@ -549,17 +609,25 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
     if zero_stage not in (0, 1, 2, 3):
         raise UsageError(f"{src}: zero_optimization.stage={zero_stage!r} is not accepted; expected 0, 1, 2 or 3")
 
-    # optimizer: the config's block wins; the CLI fills what it lacks
+    # optimizer: the config's block wins; the CLI fills what it lacks. lowrank (and adamw with resets) is Fira's plain
+    # Adam: a "fira" block with "rank": null (no low-rank groups)
+    adam_via_fira = optimizer == "lowrank" or (optimizer == "adamw" and reset_interval is not None)
+    resets = {"momentum_reset_interval": ("momentum-reset-interval", reset_interval),
+              "recovery_steps": ("recovery-steps", recovery_steps)} if reset_interval is not None else {}
     block = cfg.get("optimizer")
     if block is None:
-        if optimizer == "adamw":
+        if optimizer == "adamw" and reset_interval is None:
             cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
                                                              "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
         else:
-            params = {"lr": lr, "weight_decay": weight_decay, "rank": rank, "update_proj_gap": update_proj_gap,
-                      "alpha": alpha, "target_modules": list(target_modules)}
+            params = {"lr": lr, "weight_decay": weight_decay}
+            if adam_via_fira:
+                params.update(rank=None, eps=ADAM_EPS)
+            else:
+                params.update(rank=rank, update_proj_gap=update_proj_gap, alpha=alpha, target_modules=list(target_modules))
             if optimizer == "galore":
                 params["algorithm"] = "galore"
+            params.update({key: value for key, (_, value) in resets.items()})
             cfg["optimizer"] = {"type": "fira", "params": params}
     else:
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
@@ -569,17 +637,30 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
             raise UsageError(f"{src}: optimizer.params must be a JSON object")
         kind = block["type"].lower()
         if kind == "fira":
-            block_opt = "galore" if str(params.get("algorithm", "fira")).lower() == "galore" else "fira"
-            fill = {"lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay), "rank": ("rank", rank),
-                    "update_proj_gap": ("update-proj-gap", update_proj_gap), "alpha": ("alpha", alpha),
-                    "target_modules": ("target-modules", list(target_modules))}
-            if "alpha" not in params and "scale" in params:
-                fill.pop("alpha")
-            if "algorithm" not in params and optimizer == "galore":
-                params["algorithm"] = "galore"
-                block_opt = "galore"
-            elif "optimizer" in explicit and optimizer != block_opt:
-                conflict("optimizer.params.algorithm", "optimizer", optimizer, block_opt, hard=False)
+            if optimizer == "lowrank":
+                if params.get("rank", None) is not None:
+                    raise UsageError(f"{src}: optimizer.params.rank={params['rank']!r} is not accepted with --optimizer "
+                                     "lowrank; expected null (the factorized model is trained with plain Adam; --rank "
+                                     "sets the factors' rank)")
+                params["rank"] = None
+                params.setdefault("eps", ADAM_EPS)
+            if "rank" in params and params["rank"] is None:
+                block_opt = "lowrank" if optimizer == "lowrank" else "adamw"
+                fill = {"lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay)}
+            else:
+                block_opt = "galore" if str(params.get("algorithm", "fira")).lower() == "galore" else "fira"
+                fill = {"lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay), "rank": ("rank", rank),
+                        "update_proj_gap": ("update-proj-gap", update_proj_gap), "alpha": ("alpha", alpha),
+                        "target_modules": ("target-modules", list(target_modules))}
+                if "alpha" not in params and "scale" in params:
+                    fill.pop("alpha")
+                if "algorithm" not in params and optimizer == "galore":
+                    params["algorithm"] = "galore"
+                    block_opt = "galore"
+            if "optimizer" in explicit and optimizer != block_opt:
+                conflict("optimizer.params.rank" if block_opt in ("adamw", "lowrank") else "optimizer.params.algorithm",
+                         "optimizer", optimizer, block_opt, hard=False)
+            fill.update(resets)
             for key, (flag, value) in fill.items():
                 if key in params:
                     if flag in explicit and params[key] != value:
@@ -598,19 +679,33 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
                 raise UsageError(f"{src}: {e}") from None
             if fb is not None:
                 lr, weight_decay = fb.defaults["lr"], fb.defaults["weight_decay"]
-                rank, update_proj_gap, alpha = fb.lowrank["rank"], fb.lowrank["update_proj_gap"], fb.lowrank["alpha"]
-                target_modules = tuple(fb.target_modules)  # what the run uses (the dry run checks these)
+                from fira_dist.config import MomentumReset
+
+                mr = MomentumReset.from_values(fb.defaults["momentum_reset_interval"], fb.defaults["recovery_steps"],
+                                               "momentum_reset_interval", "recovery_steps")  # validated already
+                reset_interval, recovery_steps = mr.interval, mr.recovery_steps
+                if fb.lowrank["rank"] is not None:
+                    rank, update_proj_gap, alpha = fb.lowrank["rank"], fb.lowrank["update_proj_gap"], fb.lowrank["alpha"]
+                    target_modules = tuple(fb.target_modules)  # what the run uses (the dry run checks these)
         elif kind in ("adamw", "adam"):
-            if "optimizer" in explicit and optimizer != "adamw":
-                conflict("optimizer.type", "optimizer", optimizer, block["type"], hard=False)
-            optimizer = "adamw"
+            if reset_interval is not None:
+                raise UsageError(f"{src}: optimizer.type={block['type']!r} is not accepted with "
+                                 f"--momentum-reset-interval={reset_interval}; expected \"fira\" (with \"rank\": null "
+                                 "it is Adam with momentum resets), or remove the optimizer block")
+            if optimizer == "lowrank":
+                notes.append(f"{src}: optimizer.type={block['type']!r}: the factorized model is trained with "
+                             "DeepSpeed's Adam")
+            else:
+                if "optimizer" in explicit and optimizer != "adamw":
+                    conflict("optimizer.type", "optimizer", optimizer, block["type"], hard=False)
+                optimizer = "adamw"
             if "lr" not in params:
                 params["lr"] = lr
             lr = params["lr"]
             params.setdefault("torch_adam", True)
         else:
             raise UsageError(f"{src}: optimizer.type={block['type']!r} is not accepted; expected \"fira\" (Fira or, "
-                             "with params.algorithm \"galore\", GaLore) or \"AdamW\"")
+                             "with params.algorithm \"galore\", GaLore; with params.rank null, Adam) or \"AdamW\"")
     ds_scheduler = "scheduler" in cfg
     if ds_scheduler:
         notes.append(f"{src} has a scheduler block: DeepSpeed's scheduler sets the learning rate "
@@ -618,7 +713,7 @@ def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_dec
     cfg.setdefault("steps_per_print", 2**31 - 1)
     cfg.setdefault("wall_clock_breakdown", False)
     return (cfg, zero_stage, ds_scheduler, optimizer, lr, weight_decay, rank, update_proj_gap, alpha, grad_clip,
-            mbs, grad_accum, bf16, target_modules)
+            mbs, grad_accum, bf16, target_modules, reset_interval, recovery_steps)
 
 
 # ----------------------------------------------------------------------------------------------- dry run
@@ -650,7 +745,10 @@ def dry_run(plan: Plan) -> int:
         f"{cfg.num_attention_heads}, layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size} "
         f"(tokenizer {plan.tokenizer_name or 'embedded'}); {n_params / 1e6:,.2f}M parameters")
     if plan.optimizer == "adamw":
-        add(f"optimizer    adamw lr {plan.lr:g}, weight decay {plan.weight_decay:g}: every parameter full rank")
+        how = "fira_dist.Fira's plain Adam (eps 1e-8, for the resets)" if plan.fira_optimizer else "torch AdamW"
+        add(f"optimizer    adamw lr {plan.lr:g}, weight decay {plan.weight_decay:g}: every parameter full rank ({how})")
+    elif plan.optimizer == "lowrank":
+        add(_lowrank_plan(plan, model, low, n_params))
     else:
         n_low = sum(p.numel() for _, p in low)
         add(f"optimizer    {plan.optimizer} rank {plan.rank}, update_proj_gap {plan.update_proj_gap}, alpha "
@@ -669,6 +767,13 @@ def dry_run(plan: Plan) -> int:
                 f"state {min(plan.rank, min(shape))} x {max(shape)} x 2 + projector)")
         add(f"full rank    {len(other)} tensors ({sum(p.numel() for _, p in other) / 1e6:,.2f}M parameters: "
             "embeddings, norms, lm_head ...) get plain Adam")
+    if plan.momentum_reset_interval is not None:
+        K, R = plan.momentum_reset_interval, plan.recovery_steps
+        add(f"restarts     every {K} steps ({(plan.max_steps - 1) // K} in this run): every parameter's Adam moments "
+            f"and step count zeroed" + ("" if plan.optimizer in ("adamw", "lowrank") else
+                                       ", projectors recomputed, limiter restarted")
+            + f"; lr x (0.001 + 0.999 j / {R}) on the j-th update after, j < {R}"
+            + ("; factors refactorized (B = U sqrt(S), A = sqrt(S) V^T of B A)" if plan.refactorize else ""))
     add(f"batch        micro {plan.micro_batch_size} x seq {plan.seq_len} x grad-accum {plan.grad_accum} x "
         f"{plan.world_size} rank(s) = {plan.global_batch} sequences = {plan.tokens_per_step:,} tokens per step")
     add(f"schedule     {plan.max_steps} steps ({plan.max_steps * plan.tokens_per_step / 1e9:.3g}B tokens), warm-up "
@@ -711,7 +816,33 @@ def _data_desc(plan: Plan) -> str:
     return "the embedded English corpus (fira_dist/data)"
 
 
+def _lowrank_plan(plan: Plan, model: Any, low: list, n_params: int) -> str:
+    """The dry run's lines for --optimizer lowrank: which matrices become factors, and the parameter counts."""
+    from fira_dist.lowrank import factorized_shapes
+
+    r = plan.rank
+    shapes = factorized_shapes({n: tuple(p.shape) for n, p in model.named_parameters()}, r, plan.target_modules)
+    n_fact = sum(math.prod(s) for s in shapes.values())
+    n_low = sum(p.numel() for _, p in low)
+    lines = [f"optimizer    lowrank rank {r}, alpha {plan.alpha:g} (W = {plan.alpha:g}/{r} B A), Adam on every parameter "
+             f"(fira_dist.Fira plain Adam, eps 1e-8), lr {plan.lr:g}, weight decay {plan.weight_decay:g}, grad clip "
+             f"{plan.grad_clip:g}",
+             f"factorized   {len(low)} matrices ({n_low / 1e6:,.2f}M parameters), target modules "
+             f"{','.join(plan.target_modules)}, become B (m x {r}) and A ({r} x n): {n_params / 1e6:,.2f}M -> "
+             f"{n_fact / 1e6:,.2f}M trainable parameters:"]
+    kinds: dict[tuple[str, tuple[int, ...]], int] = {}
+    for name, p in low:
+        key = (_kind_of(name), tuple(p.shape))
+        kinds[key] = kinds.get(key, 0) + 1
+    for (kind, (m, n)), count in kinds.items():
+        lines.append(f"               {count:4d} x {kind:<28s} {m:>6d} x {n:<6d} -> B {m} x {r} + A {r} x {n}")
+    return "\n".join(lines)
+
+
 def _memory_estimate(plan: Plan) -> str:
+    if plan.optimizer == "lowrank":
+        return ("(fira_dist.memory does not model the factorized model yet; fira_dist.lowrank.factorized_shapes gives "
+                "its parameter shapes)")
     from fira_dist.memory import MemoryConfig, estimate
     from fira_dist.memory.report import format_single
 
