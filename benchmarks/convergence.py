@@ -138,7 +138,7 @@ def optimizer_state_bytes(args: argparse.Namespace, optimizer: str) -> int:
     base = optimizer.partition("+")[0]
     if base == "lowrank":
         from fira_dist.lowrank import factorized_shapes
-        from fira_dist.pretrain import models as M
+        from fira_dist import models as M
 
         model = M.build_model(M.get_model_config(args.model, tokenizer=load_tokenizer()), device="meta")
         shapes = factorized_shapes({n: tuple(p.shape) for n, p in model.named_parameters()}, args.rank)

@@ -471,7 +471,7 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
 def _check_lowrank_rank(config: Any, target_modules: tuple[str, ...], rank: int) -> None:
     """--rank must fit every matrix --optimizer lowrank factorizes (checked on the meta-device model)."""
     from fira_dist.lowrank import factorized_shapes
-    from fira_dist.pretrain import models as M
+    from fira_dist import models as M
 
     model = M.build_model(config, device="meta")
     try:
