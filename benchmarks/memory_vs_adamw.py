@@ -121,7 +121,7 @@ def measure(worlds: list[int], micro_batch: int, seq_len: int) -> list[dict[str,
         cfgs = []
         for s, o in MEASURE_CASES:
             cfg = MemoryConfig(model=MEASURE_MODEL, optimizer=o, strategy=s, world_size=W, precision="fp32",
-                               micro_batch=micro_batch, seq_len=seq_len, zero_reduce_bucket_size=1 << 24)
+                               micro_batch=micro_batch, seq_len=seq_len, zero_reduce_bucket_size=1 << 24, device="cpu")
             filled = estimate(cfg, rank=0)["config"]
             cfgs.append(MemoryConfig(**{**filled, "target_modules": tuple(filled["target_modules"])}))
         results = launch(cfgs, steps=2, timeout=1800)

@@ -42,10 +42,11 @@ def check_exact(cfg: MemoryConfig, measured: dict, rank: int = 0) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-pure"])
-@pytest.mark.parametrize("optimizer", ["adamw", "galore", "fira"])
+@pytest.mark.parametrize("optimizer", ["adamw", "galore", "fira", "lowrank"])
 def test_single_process_exact(optimizer, precision):
     """Optimizer state (projectors, moments, scalars), parameters, gradients, saved activations and logits
-    of real steps equal the estimate to the byte."""
+    of real steps equal the estimate to the byte (lowrank: the factorized model of fira_dist.lowrank, whose
+    factorized linears also keep x A_T for backward)."""
     cfg = tiny(optimizer=optimizer, precision=precision)
     check_exact(cfg, run_worker(cfg, steps=2, profile=False))
 

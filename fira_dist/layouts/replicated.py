@@ -2,7 +2,7 @@
 
 Every rank holds every parameter and the same, already averaged, gradient G.
 
-- Low-rank matrices: a deterministic owner map (``owners.assign_owners``: greedy LPT on optimizer-state
+- Low-rank matrices: a deterministic owner map (``plan.assign_owners``: greedy LPT on optimizer-state
   bytes, computed from shapes alone, identical on every rank, no communication) gives each matrix one owner.
   Only the owner holds its projector, moments and limiter norm, computes its SVD at refresh steps and its
   update, with exactly the single-process code (``single.whole_matrix_step_``) on exactly the same G.

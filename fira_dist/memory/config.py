@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from fira_dist.layouts.plan import DEFAULT_COMM_BUCKET_BYTES, check_comm_bucket_bytes
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp2")
-OPTIMIZERS = ("adamw", "galore", "fira")
+OPTIMIZERS = ("adamw", "galore", "fira", "lowrank")  # lowrank: the factorized model (fira_dist.lowrank), plain Adam
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")  # all but eager: no (s, s) matrix kept
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -123,7 +123,7 @@ def state_bytes(cfg: MemoryConfig, dt: dict[str, Any]) -> int:
         return 4  # the optimizer updates DeepSpeed's fp32 flat partitions
     if cfg.state_dtype is not None:
         return DTYPE_BYTES[cfg.state_dtype]
-    return 4 if cfg.optimizer in ("fira", "galore") else dt["o"]
+    return 4 if cfg.optimizer in ("fira", "galore", "lowrank") else dt["o"]
 
 
 

@@ -178,6 +178,11 @@ def _estimate_rank(info: ModelInfo, cfg: MemoryConfig, r: int) -> dict[str, Any]
     buf = optimizer_buffers(info, cfg, r, rank)
     comm_step, step_transient = buf["exchange"], buf["workspace"]
     act = activation_bytes(info, cfg.micro_batch, cfg.seq_len, dt["act"], cfg.attention, cfg.activation_checkpointing)
+    if cfg.optimizer == "lowrank" and not cfg.activation_checkpointing:
+        # each factorized linear also keeps x A_T (tokens x r) for B's gradient (exact: tests/test_memory.py)
+        factors = sum(1 for p in info.params if p.name.endswith(".A_T"))
+        extra = factors * cfg.micro_batch * cfg.seq_len * rank_of(cfg, info.default_rank) * (4 if dt["act"] == "fp32" else 2)
+        act = {**act, "saved": act["saved"] + extra}
     act_transient = max(act["loss_transient"], act["layer"])
     out = {
         "params": params, "grads": grads, "master_params": master, "optimizer_states": states,

@@ -282,6 +282,10 @@ def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Any, Any, Any, Any]
     config._attn_implementation = cfg.attention
     dtype = torch.bfloat16 if cfg.precision == "bf16-pure" else torch.float32
     model = build_model(config, device=str(device), dtype=dtype, seed=0)
+    if cfg.optimizer == "lowrank":
+        from fira_dist.lowrank import factorize
+
+        factorize(model, cfg.target_modules, cfg.rank)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -289,9 +293,12 @@ def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Any, Any, Any, Any]
     def make_opt(module: Any, **kw: Any) -> Any:
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.0)
+        extra = {} if cfg.state_dtype in (None, "fp32") else {"state_dtype": "grad"}
+        if cfg.optimizer == "lowrank":  # the factorized model: Fira's plain Adam on every tensor
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            return Fira([{"params": named}], lr=1e-4, eps=1e-8, **extra, **kw)
         groups = param_groups(module, target_modules=cfg.target_modules, rank=cfg.rank, proj_type=cfg.proj_type,
                               algorithm=cfg.optimizer, update_proj_gap=2)
-        extra = {} if cfg.state_dtype in (None, "fp32") else {"state_dtype": "grad"}
         return Fira(groups, lr=1e-4, **extra, **kw)
 
     s = cfg.strategy
@@ -489,7 +496,7 @@ def measure_configuration(cfg: MemoryConfig, steps: int = 3, model: str | None =
     if world_size is None:
         avail = torch.cuda.device_count() if torch.cuda.is_available() else 2
         world_size = 1 if cfg.strategy == "single" else max(2 if cfg.strategy != "single" else 1, min(cfg.world_size, avail))
-    mcfg = cfg.replace(world_size=world_size)
+    mcfg = cfg.replace(world_size=world_size, device="cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
         model = cfg.model
         est = estimate(mcfg)

@@ -86,6 +86,10 @@ def model_info(model: str, optimizer: str = "fira", rank: int = 128, target_modu
     device: nothing is allocated, llama_7b takes about a second. Cached."""
     config = llama_config(model, vocab_size)
     module = meta_model(config)
+    if optimizer == "lowrank":  # the factorized model (Glentis et al. 2025): every target linear -> B (m, r), A_T (n, r)
+        from fira_dist.lowrank import factorize
+
+        factorize(module, target_modules, rank)
     d_rank, d_seq = model_defaults(model)
     return model_info_from_module(module, optimizer, rank, target_modules, name=model, config=config,
                                   default_rank=d_rank or 128, default_seq_len=d_seq or 256)
@@ -97,7 +101,8 @@ def model_info_from_module(module: Any, optimizer: str = "fira", rank: int = 128
     """``ModelInfo`` of a built model (meta, real, or already sharded: DTensor shapes are global).
 
     The param groups are those ``fira_dist.param_groups`` builds (low rank: 2-D weights of the
-    ``target_modules`` linears; the rest plain Adam) for galore/fira, and one group for adamw.
+    ``target_modules`` linears; the rest plain Adam) for galore/fira, and one group for adamw and lowrank (a
+    factorized model, Fira's plain Adam on every tensor).
     """
     from fira_dist.optimizer import param_groups
 
@@ -110,7 +115,7 @@ def model_info_from_module(module: Any, optimizer: str = "fira", rank: int = 128
         seen.add(id(p))
         named.append((pname, p))
     index = {id(p): i for i, (_, p) in enumerate(named)}
-    if optimizer == "adamw":
+    if optimizer in ("adamw", "lowrank"):
         low_ids: set[int] = set()
         groups = (tuple(range(len(named))),)
     else:

@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--ddp-bucket-view", action="store_true")
     p.add_argument("--zero-reduce-bucket-size", type=int, default=DS_REDUCE_BUCKET_SIZE)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="where the run happens: torch's AdamW is foreach on CUDA, a loop per tensor on CPU")
     p.add_argument("--comm-bucket-bytes", type=float, default=None,
                    help="Fira's exchange budget (default: DeepSpeed's reduce bucket in the gradients' dtype under ZeRO, "
                         "else 64 MiB)")
@@ -214,7 +216,8 @@ def _configs(args: argparse.Namespace) -> list[MemoryConfig]:
                 proj_type=args.proj_type, precision=args.precision, state_dtype=args.state_dtype,
                 micro_batch=args.micro_batch, seq_len=args.seq_len, activation_checkpointing=args.activation_checkpointing,
                 attention=args.attention, vocab_size=args.vocab_size, ddp_bucket_view=args.ddp_bucket_view,
-                zero_reduce_bucket_size=args.zero_reduce_bucket_size, comm_bucket_bytes=args.comm_bucket_bytes)
+                zero_reduce_bucket_size=args.zero_reduce_bucket_size, comm_bucket_bytes=args.comm_bucket_bytes,
+                device=args.device)
     out = []
     for w in sizes:
         for s in strats:

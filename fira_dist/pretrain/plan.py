@@ -840,9 +840,6 @@ def _lowrank_plan(plan: Plan, model: Any, low: list, n_params: int) -> str:
 
 
 def _memory_estimate(plan: Plan) -> str:
-    if plan.optimizer == "lowrank":
-        return ("(fira_dist.memory does not model the factorized model yet; fira_dist.lowrank.factorized_shapes gives "
-                "its parameter shapes)")
     from fira_dist.memory import MemoryConfig, estimate
     from fira_dist.memory.report import format_single
 
