@@ -32,7 +32,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -129,24 +128,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def optimizer_state_bytes(args: argparse.Namespace, optimizer: str) -> int:
-    """Optimizer-state bytes of one process, from the memory estimator (same rules as the optimizer); lowrank
-    (which the estimator does not model yet): Adam's two fp32 moments of every parameter of the factorized model."""
+def memory_bytes(args: argparse.Namespace, optimizer: str) -> dict[str, int]:
+    """Weights and optimizer-state bytes of one process, from the memory estimator (the optimizers' own rules; for
+    lowrank the factorized model of fira_dist.lowrank, plain Adam on every tensor)."""
     from fira_dist.memory import MemoryConfig, estimate
     from fira_dist.pretrain.data import load_tokenizer
 
-    base = optimizer.partition("+")[0]
-    if base == "lowrank":
-        from fira_dist.lowrank import factorized_shapes
-        from fira_dist import models as M
-
-        model = M.build_model(M.get_model_config(args.model, tokenizer=load_tokenizer()), device="meta")
-        shapes = factorized_shapes({n: tuple(p.shape) for n, p in model.named_parameters()}, args.rank)
-        return 2 * 4 * sum(math.prod(s) for s in shapes.values())
-    cfg = MemoryConfig(model=args.model, optimizer=base, rank=args.rank, strategy="single", world_size=1,
-                       precision="fp32", micro_batch=args.batch, seq_len=args.seq_len,
+    cfg = MemoryConfig(model=args.model, optimizer=optimizer.partition("+")[0], rank=args.rank, strategy="single",
+                       world_size=1, precision="fp32", micro_batch=args.batch, seq_len=args.seq_len,
                        vocab_size=len(load_tokenizer()))
-    return int(estimate(cfg)["optimizer_states"])
+    d = estimate(cfg)
+    return {"weights": int(d["params"]), "optimizer_states": int(d["optimizer_states"])}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -158,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="llama_demo")
     ap.add_argument("--data", help="local text files (default: the embedded corpus)")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--sweep-steps", type=int, default=None,
+                    help="steps of the learning-rate sweep's runs (default --steps: the sweep's seed-0 run is reused)")
     ap.add_argument("--batch", type=int, default=16, help="global sequences per step")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rank", type=int, help="projection rank (default hidden/4, the paper's ratio at 60M)")
@@ -219,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def one(opt: str, lr: float, seed: int, strategy: str = "single") -> dict:
-        return run_one(f"{opt}-{strategy}-lr{lr:g}-s{seed}", args, opt, lr, seed, strategy, out)
+    def one(opt: str, lr: float, seed: int, strategy: str = "single", steps: int | None = None) -> dict:
+        if steps is None or steps == args.steps:
+            return run_one(f"{opt}-{strategy}-lr{lr:g}-s{seed}", args, opt, lr, seed, strategy, out)
+        short = argparse.Namespace(**{**vars(args), "steps": steps, "eval_every": max(1, min(args.eval_every, steps))})
+        return run_one(f"{opt}-{strategy}-lr{lr:g}-s{seed}-sweep{steps}", short, opt, lr, seed, strategy, out)
 
     print(f"{args.steps} steps x {args.batch} seqs x {args.seq_len} tokens ({args.model}) per run; "
           f"lr grid {grid} for {', '.join(o for o in optimizers if o not in lrs) or 'none'}", flush=True)
@@ -228,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     for opt in optimizers:
         if opt in lrs:
             continue
-        sweep[opt] = [(lr, one(opt, lr, 0)["eval_last"]["eval_loss"]) for lr in grid]
+        sweep[opt] = [(lr, one(opt, lr, 0, steps=args.sweep_steps)["eval_last"]["eval_loss"]) for lr in grid]
         lrs[opt] = min(sweep[opt], key=lambda t: t[1])[0]
         print(f"  {opt}: lr {lrs[opt]:g} has the lowest seed-0 validation loss", flush=True)
 
@@ -250,12 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                      "restart_every": args.restart_every if "+" in opt else None,
                      "val_ppl_mean": statistics.fmean(math.exp(x) for x in final),
                      "tokens": rs[0]["tokens"], "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in rs),
-                     "optimizer_state_bytes": optimizer_state_bytes(args, opt), "final_losses": final})
-    table = ["| optimizer | lr | seeds | final val loss (mean +- std) | val perplexity | optimizer state | tokens | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+                     **{f"{k}_bytes": v for k, v in memory_bytes(args, opt).items()}, "final_losses": final})
+    table = ["| optimizer | lr | seeds | final val loss (mean +- std) | val perplexity | optimizer state | weights + "
+             "optimizer state | tokens | tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['config']} | {r['lr']:g} | {r['seeds']} | {r['val_loss_mean']:.4f} +- {r['val_loss_std']:.4f} "
-                     f"| {r['val_ppl_mean']:.2f} | {r['optimizer_state_bytes'] / 2**20:.2f} MiB | {r['tokens']:,} "
+                     f"| {r['val_ppl_mean']:.2f} | {r['optimizer_states_bytes'] / 2**20:.2f} MiB | "
+                     f"{(r['weights_bytes'] + r['optimizer_states_bytes']) / 2**20:.2f} MiB | {r['tokens']:,} "
                      f"| {r['tokens_per_s']:,.0f} |")
     header = (f"model {args.model}, {args.steps} steps x {args.batch} seqs x {args.seq_len} tokens, rank {args.rank}, "
               f"alpha {args.alpha}, update_proj_gap {args.update_proj_gap}, data {args.data or 'embedded corpus'}")
@@ -264,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if any("+" in o for o in optimizers):
         header += f"; restarts / resets every {args.restart_every} steps, lr recovery {args.recovery_steps} steps"
     if sweep:
-        table += ["", "Learning-rate sweep (seed 0, final validation loss; the lowest is used above):", "",
+        sweep_note = f", {args.sweep_steps} steps" if args.sweep_steps and args.sweep_steps != args.steps else ""
+        table += ["", f"Learning-rate sweep (seed 0{sweep_note}, final validation loss; the lowest is used above):", "",
                   "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |",
                   "|---|" + "---|" * len(grid)]
         for opt, pts in sweep.items():

@@ -62,7 +62,7 @@ def _write(path, text):
     return path
 
 
-def _run(slurm, tmp_path, body, timeout=90):
+def _run(slurm, tmp_path, body, timeout=240):  # generous: the 2 cores may be busy with other work
     script = _write(tmp_path / "job.sbatch", "#!/bin/bash\n#SBATCH --nodes=2 --ntasks-per-node=1\n"
                     "#SBATCH --time=5\nset -euo pipefail\n" + textwrap.dedent(body))
     res = slurm.submit_and_wait(script, cwd=tmp_path, timeout=timeout)
