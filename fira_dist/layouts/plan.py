@@ -112,19 +112,24 @@ def consecutive_chunks(sizes: Sequence[int], budget: int) -> list[list[int]]:
 
 @dataclasses.dataclass(frozen=True)
 class GatherRounds:
-    """An all-gather of per-rank flat contributions (rank r: ``lengths[r]`` elements) in rounds of ``per_round``
-    elements per rank: round j moves elements [j per_round, (j + 1) per_round) of every rank's contribution
-    (zero-padded at the end). Per rank: a send buffer of per_round and a receive buffer of W per_round elements."""
+    """An all-gather of per-rank flat contributions (rank r: ``lengths[r]`` elements, the longest ``longest``) in
+    rounds of ``per_round`` elements per rank: round j moves elements [j per_round, (j + 1) per_round) of every
+    rank's contribution, the last round only up to ``longest`` (shorter contributions zero-padded). Per rank: a send
+    buffer of per_round and a receive buffer of W per_round elements."""
 
     per_round: int
     rounds: int
     world_size: int
     itemsize: int
+    longest: int
+
+    def round_numel(self, j: int) -> int:
+        return min(self.per_round, self.longest - j * self.per_round)
 
     @property
     def comm_bytes(self) -> int:
-        """What Comm counts (the all-gather outputs): W x per_round x rounds x itemsize."""
-        return self.world_size * self.per_round * self.rounds * self.itemsize
+        """What Comm counts (the all-gather outputs): W x longest x itemsize, whatever the rounds."""
+        return self.world_size * self.longest * self.itemsize
 
     @property
     def buffer_bytes(self) -> int:
@@ -137,7 +142,7 @@ def gather_rounds(lengths: Sequence[int], itemsize: int, budget: int) -> GatherR
     longest = max(lengths, default=0)
     per_round = max(1, min(longest, budget // ((W + 1) * itemsize))) if longest else 0
     rounds = -(-longest // per_round) if longest else 0
-    return GatherRounds(per_round, rounds, W, itemsize)
+    return GatherRounds(per_round, rounds, W, itemsize, longest)
 
 
 # --------------------------------------------------------------------------------------------------- pieces

@@ -18,13 +18,13 @@ arithmetic does not care how the rows are split). The updated values then reach 
 
 Communication per step and per rank (``Comm`` counts all_gather output bytes)::
 
-    bytes_per_step = sum over parameter dtypes d of  W * C_d * ceil(max_r L_r(d) / C_d) * itemsize(d)
+    bytes_per_step = sum over parameter dtypes d of  W * max_r L_r(d) * itemsize(d)
     L_r(d) = sum of numel(p) over low-rank matrices of dtype d owned by rank r
            + sum of rows_r(p) * numel(p) / rows(p) over the other tensors of dtype d
-    C_d = min(max_r L_r(d), comm_bucket_bytes // ((W + 1) itemsize(d)))  (elements per rank per round)
 
-where rows_r(p) = the rows rank r holds under torch.chunk splitting, and only parameters with
-``requires_grad`` count (``plan.gather_rounds``; the last round is padded). Every such parameter is in the
+in rounds of C_d = min(max_r L_r(d), comm_bucket_bytes // ((W + 1) itemsize(d))) elements per rank (the last one
+shorter), where rows_r(p) = the rows rank r holds under torch.chunk splitting, and only parameters with
+``requires_grad`` count (``plan.gather_rounds``). Every such parameter is in the
 gather whether or not it has a gradient this step: a parameter without one is sent unchanged, so ranks never
 need to agree on which gradients exist. Nothing else is communicated during a step. Whether a gradient is
 finite is decided on the whole gradient, identical on every rank, so all ranks skip the same tensors.
@@ -447,13 +447,14 @@ def share_owned_values(comm: Comm, views: list[list[torch.Tensor]], budget: int,
     plan = gather_rounds(lengths, dtype.itemsize, budget)
     C = plan.per_round
     for j in range(plan.rounds):
-        send = torch.zeros(C, dtype=dtype, device=device)
+        n = plan.round_numel(j)  # C, or what is left of the longest contribution
+        send = torch.zeros(n, dtype=dtype, device=device)
         _copy_range(views[me], j * C, send, to_views=False)
-        recv = torch.empty(W * C, dtype=dtype, device=device)
+        recv = torch.empty(W * n, dtype=dtype, device=device)
         comm.all_gather_into_tensor(recv, send)
         for q in range(W):
             if q != me:
-                _copy_range(views[q], j * C, recv[q * C:(q + 1) * C], to_views=True)
+                _copy_range(views[q], j * C, recv[q * n:(q + 1) * n], to_views=True)
 
 
 def _copy_range(views: list[torch.Tensor], start: int, buf: torch.Tensor, to_views: bool) -> None:

@@ -247,14 +247,7 @@ def optimizer_buffers(info: ModelInfo, cfg: MemoryConfig, r: int, rank: int) -> 
     elif s == "ddp":
         svd_mine = step_mine = [i for i in mats if lp.owners[i] == r]
         if W > 1:
-            lengths = [0] * W
-            for i, o in lp.owners.items():
-                if o >= 0:
-                    lengths[o] += info.params[i].numel
-                else:
-                    for q in range(W):
-                        lengths[q] += rows_numel(info.params[i], W, q)
-            exchange = P.gather_rounds(lengths, dt["w"], lp.budget).buffer_bytes
+            exchange = ddp_gather(info, lp, dt["w"]).buffer_bytes
     elif s in ("zero1", "zero2"):
         svd_mine = step_mine = [i for i in mats if lp.owners[i] == r]
         for g, zp in zip(lp.groups, lp.zplans):
@@ -302,6 +295,20 @@ def largest_adam_piece(info: ModelInfo, cfg: MemoryConfig, r: int, lp: LayoutPla
     return out
 
 
+def ddp_gather(info: ModelInfo, lp: LayoutPlan, itemsize: int) -> P.GatherRounds:
+    """``Replicated``'s all-gather of the updated values: rank r contributes the matrices it owns and its rows of
+    every row-split tensor (``plan.gather_rounds`` under the budget)."""
+    W = lp.world_size
+    lengths = [0] * W
+    for i, o in lp.owners.items():
+        if o >= 0:
+            lengths[o] += info.params[i].numel
+        else:
+            for q in range(W):
+                lengths[q] += rows_numel(info.params[i], W, q)
+    return P.gather_rounds(lengths, itemsize, lp.budget)
+
+
 # ------------------------------------------------------------------------------------------------ traffic
 def optimizer_comm_bytes(info: ModelInfo, cfg: MemoryConfig, r: int, rank: int, refresh: str | None = None) -> int:
     """Bytes rank r's optimizer collectives move in one step (Comm's convention, the layouts' formulas; every
@@ -312,14 +319,7 @@ def optimizer_comm_bytes(info: ModelInfo, cfg: MemoryConfig, r: int, rank: int, 
         return 0
     lp = plan_for(info, cfg, rank)
     if s == "ddp":
-        lengths = [0] * W
-        for i, o in lp.owners.items():
-            if o >= 0:
-                lengths[o] += info.params[i].numel
-            else:
-                for q in range(W):
-                    lengths[q] += rows_numel(info.params[i], W, q)
-        return P.gather_rounds(lengths, dtypes(cfg)["w"], lp.budget).comm_bytes
+        return ddp_gather(info, lp, dtypes(cfg)["w"]).comm_bytes
     if s in ("zero1", "zero2"):
         total = 0
         for g, zp in zip(lp.groups, lp.zplans):
