@@ -180,8 +180,8 @@ def print_tables(peaks, comms, bounds, measured, verdicts, model: str) -> None:
           "refresh step, randomized sketch (MiB) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in comms:
-        print(f"| {r['world_size']} | {r['strategy']} | {r['optimizer_bytes'] / MiB:.1f} | {r['framework_bytes'] / MiB:.0f} | "
-              f"{100 * r['share']:.2f} % | {r['refresh_exact'] / MiB:.1f} | {r['refresh_sketch'] / MiB:.1f} |")
+        print(f"| {r['world_size']} | {r['strategy']} | {r['optimizer_bytes'] / MiB:.3f} | {r['framework_bytes'] / MiB:.0f} | "
+              f"{100 * r['share']:.3f} % | {r['refresh_exact'] / MiB:.1f} | {r['refresh_sketch'] / MiB:.1f} |")
     print(f"\n## {model}: ZeRO-1/2 locality, Fira state per rank against total / W + the largest matrix's state\n")
     print("| W | strategy | max per rank (MiB) | mean (MiB) | largest matrix (MiB) | bound (MiB) | within |")
     print("|---|---|---:|---:|---:|---:|---|")
@@ -219,13 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-micro-batch", type=int, default=2)
     ap.add_argument("--measure-seq-len", type=int, default=128)
     ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--measured-from", default=None, metavar="JSON",
+                    help="print the measured tables of an earlier --measure run's --json instead of measuring again")
     a = ap.parse_args(argv)
     worlds = [int(w) for w in a.worlds.split(",")]
     peaks = peak_rows(a.model, worlds, 1, "bf16-mixed")
     comms = comm_rows(a.model, worlds, "bf16-mixed")
     bounds = state_bound_rows(a.model, worlds)
     measured, verdicts = [], []
-    if a.measure:
+    if a.measured_from:
+        measured = json.loads(Path(a.measured_from).read_text())["measured"]
+        verdicts = measure_verdicts(measured)
+    elif a.measure:
         measured = measure([int(w) for w in a.measure_worlds.split(",")], a.measure_micro_batch, a.measure_seq_len)
         verdicts = measure_verdicts(measured)
     print_tables(peaks, comms, bounds, measured, verdicts, a.model)
