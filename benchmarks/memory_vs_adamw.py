@@ -142,9 +142,9 @@ def _mean(xs: list[float]) -> float:
 
 def measure_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (W, strategy): the mean over ranks of AdamW's and Fira's measured and estimated growth. The ranks do the
-    same work, but their measured peaks differ by up to 30 % from run to run and rank to rank (gloo's threads
-    allocate and free their buffers asynchronously, so which buffers coexist at the peak varies): the mean over
-    ranks is the figure the goals are judged on; every rank's figure is printed above it."""
+    same work, but their measured peaks differ by up to 30 % from rank to rank and run to run (under ZeRO-2 on CPU
+    DeepSpeed keeps a varying number of extra reduce-bucket-sized buffers from one step to the next; see
+    docs/memory.md): the mean over ranks is the figure the goals are judged on; every rank's is printed too."""
     out = []
     for W in sorted({r["world_size"] for r in rows}):
         for s in sorted({r["strategy"] for r in rows}):
