@@ -12,7 +12,7 @@ projectors and low-rank moments, not flat elementwise tensors). This module foll
 (through a temporary folder and a rename: a folder of that name is complete):
 
     zero/<param name>/fp32.pt    {"param": the whole fp32 master weight, "cat_dim": 0}: DeepSpeed's universal format,
-                                 from DeepSpeed's own reconstruction (deepspeed.utils.zero_to_fp32)
+                                 assembled from the fragments ds_to_universal reads (ZeRO-1/2, BF16_Optimizer, ZeRO-3)
     zero/optimizer_state.pt      rank 0's ZeRO optimizer entry without its partitions, with Fira's param groups
     mp_rank_00_model_states.pt   the engine's counters, scheduler and client state (rank 0's, weights dropped),
     zero_pp_rank_0_mp_rank_00_model_states.pt    under both names (ZeRO-1/2 and ZeRO-3 read different ones)
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
 import os
 import re
@@ -168,12 +167,45 @@ def _assemble_adam(name: str, numel: int, parts: dict[int, dict]) -> dict[str, t
     return full
 
 
-def read_fira_state(folder: str | os.PathLike) -> dict[str, Any]:
+def _fp32_weights(loaded: dict[int, Any], stage: int, param_shapes: list[dict], W: int) -> dict[str, torch.Tensor]:
+    """Every parameter's whole fp32 master weight, from the fragments DeepSpeed's own universal converter
+    (``ds_to_universal``) reads: ZeRO-1/2 and BF16_Optimizer: each rank's fragments (``param_slice_mappings``: start
+    and numel in its fp32 partition ``single_partition_of_fp32_groups``), in rank order; ZeRO-3: each rank's
+    ceil(numel / W)-element partition of every parameter, in sub-group order (``fp32_flat_groups``), in rank order,
+    cut to numel. Not collective."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    shapes = {n: tuple(int(x) for x in s) for group in param_shapes for n, s in group.items()}
+    for r in range(W):
+        osd = loaded[r]["optimizer_state_dict"]
+        if stage == 3:
+            for flat, group in zip(osd["fp32_flat_groups"], param_shapes):
+                off = 0
+                for name, shape in group.items():
+                    numel = int(torch.Size(shape).numel())
+                    pn = -(-numel // W)
+                    parts.setdefault(name, []).append(flat.narrow(0, off, max(0, min(pn, numel - r * pn))))
+                    off += pn
+        else:
+            for flat, mapping in zip(osd["single_partition_of_fp32_groups"], osd["param_slice_mappings"]):
+                for name, frag in mapping.items():
+                    parts.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
+    out = {}
+    for name, shape in shapes.items():
+        whole = torch.cat(parts.get(name, [torch.empty(0)])).float()
+        if whole.numel() != int(torch.Size(shape).numel()):
+            raise ValueError(f"{name}: the ranks' fp32 partitions hold {whole.numel()} of its "
+                             f"{int(torch.Size(shape).numel())} elements (a rank file from another save?)")
+        out[name] = whole.view(shape).clone()
+    return out
+
+
+def read_fira_state(folder: str | os.PathLike, fp32: bool = False) -> dict[str, Any]:
     """Fira's whole state from the rank files of a DeepSpeed ZeRO-1/2/3 checkpoint folder (``<load_dir>/<tag>``).
 
     Returns {"format", "version", "world_size", "zero_stage", "layout_version", "engine_step", "param_groups" (without
-    params), "shapes" {name: shape}, "state" {name: whole state}, "sources" {file name: [bytes, mtime_ns]}}.
-    Raises ValueError naming the file or parameter when the folder is not a complete Fira checkpoint."""
+    params), "shapes" {name: shape}, "state" {name: whole state}, "sources" {file name: [bytes, mtime_ns]}}, and with
+    ``fp32`` also "fp32" {name: whole fp32 master weight} (``_fp32_weights``). Raises ValueError naming the file or
+    parameter when the folder is not a complete Fira checkpoint. Not collective."""
     folder = Path(folder)
     files = optim_files(folder)
     if not files:
@@ -237,11 +269,14 @@ def read_fira_state(folder: str | os.PathLike) -> dict[str, Any]:
             state[name] = _assemble_matrix(name, shapes[name], o, by_rank, W, stage == 3 and version >= 2)
         else:
             state[name] = _assemble_adam(name, int(torch.Size(shapes[name]).numel()), by_rank)
-    return {"format": FORMAT, "version": FORMAT_VERSION, "world_size": W, "zero_stage": stage,
-            "layout_version": version, "engine_step": steps.pop() if steps else 0,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
-            "shapes": shapes, "state": state,
-            "sources": {f.name: _file_stamp(f) for f in [*files.values(), model_states]}}
+    out = {"format": FORMAT, "version": FORMAT_VERSION, "world_size": W, "zero_stage": stage,
+           "layout_version": version, "engine_step": steps.pop() if steps else 0,
+           "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups],
+           "shapes": shapes, "state": state,
+           "sources": {f.name: _file_stamp(f) for f in [*files.values(), model_states]}}
+    if fp32:
+        out["fp32"] = _fp32_weights(loaded, stage, ms["param_shapes"], W)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -267,18 +302,11 @@ def convert(load_dir: str | os.PathLike, tag: str, output: str | os.PathLike | N
     weights and Fira's state of the whole model are held in CPU memory, as DeepSpeed's zero_to_fp32 does). Writes
     into a temporary folder beside ``output`` and renames it: ``output`` is complete or absent. Not collective."""
     from deepspeed.checkpoint.constants import CAT_DIM, PARAM
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     source = Path(load_dir) / tag
     out = Path(output) if output is not None else universal_dir(load_dir, tag)
-    fira = read_fira_state(source)
-    chatter = io.StringIO()  # zero_to_fp32 prints its progress; it goes to the debug log instead
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(load_dir), tag=tag)
-    log.debug("deepspeed zero_to_fp32: %s", chatter.getvalue())
-    lacking = sorted(set(fira["shapes"]) - set(fp32))
-    if lacking:
-        raise ValueError(f"{source}: DeepSpeed's zero_to_fp32 found no fp32 weight for {lacking[:5]}")
+    fira = read_fira_state(source, fp32=True)
+    fp32 = fira.pop("fp32")
     files = optim_files(source)
     head = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
     optim = {k: v for k, v in head["optimizer_state_dict"].items() if k not in _SHARDED}
@@ -292,7 +320,7 @@ def convert(load_dir: str | os.PathLike, tag: str, output: str | os.PathLike | N
     try:
         for name in fira["shapes"]:
             (tmp / "zero" / name).mkdir(parents=True)
-            torch.save({PARAM: fp32[name].detach().float().contiguous(), CAT_DIM: 0}, tmp / "zero" / name / "fp32.pt")
+            torch.save({PARAM: fp32[name], CAT_DIM: 0}, tmp / "zero" / name / "fp32.pt")
         torch.save(optim, tmp / "zero" / "optimizer_state.pt")
         for fname in MODEL_STATES:
             torch.save(model, tmp / fname)
@@ -332,7 +360,15 @@ def describe(folder: Path) -> dict[str, Any] | None:
     return {"kind": "zero", "world_size": int(metas[0]["world_size"]), "zero_stage": int(metas[0]["zero_stage"])}
 
 
-def _collective_convert(engine: Any, source: Path, load_dir: Path, tag: str) -> Path:
+def _zero0_optimizer_state(folder: Path) -> bool:
+    """Whether ``folder`` is a ZeRO-0 checkpoint with optimizer state (in rank 0's model-states file, no ZeRO files)."""
+    path = folder / MODEL_STATES[0]
+    if optim_files(folder) or not path.is_file():
+        return False
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("optimizer") is not None
+
+
+def _collective_convert(source: Path, load_dir: Path, tag: str) -> Path:
     """Rank 0 converts (unless a current conversion is there), every rank learns the outcome: the path, or rank 0's
     error, raised on every rank (no rank is left waiting in a collective)."""
     import torch.distributed as dist
@@ -424,25 +460,33 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     opt = getattr(engine, "basic_optimizer", None)
     layout = getattr(opt, "layout", None)
     universal_cfg = bool(engine._config.load_universal_checkpoint)
-    if getattr(layout, "mode", None) != "partitioned" or not load_optimizer_states or load_module_only or \
-            reshard is False:
+    mode = getattr(layout, "mode", None)
+    if mode is None or not load_optimizer_states or load_module_only or reshard is False:
         return original(load_dir, tag, **call)
     if tag is None:  # as DeepSpeed: the tag named in 'latest' ('latest_universal' with load_universal)
         latest = Path(load_dir) / ("latest_universal" if universal_cfg else "latest")
         if not latest.is_file():
-            raise ValueError(f"fira: no tag given and {latest} does not exist; pass tag=... (the checkpoint's folder "
-                             f"name in {load_dir})")
+            return original(load_dir, tag, **call)  # DeepSpeed's own answer (a warning and (None, None), or an error)
         tag = latest.read_text().strip()
     folder = Path(load_dir) / str(tag)
     src = describe(folder)
     W, stage = layout.comm.world_size, layout.stage
-    if src is None:
-        return original(load_dir, tag, **call)  # not a Fira ZeRO checkpoint: DeepSpeed decides (and says why)
+    if src is None and mode == "partitioned" and _zero0_optimizer_state(folder):
+        raise ValueError(f"fira: {folder} is a ZeRO-0 checkpoint (the optimizer state is in {MODEL_STATES[0]}); this "
+                         f"run is ZeRO-{stage}: Fira's state does not carry over between ZeRO-0 and ZeRO-1/2/3. Resume "
+                         "under ZeRO-0 (at any world size), or load the weights only "
+                         "(engine.load_checkpoint(..., load_optimizer_states=False))")
+    if src is not None and mode == "replicated":
+        raise ValueError(f"fira: {folder} holds Fira state of ZeRO-1/2/3 partitions; this run is ZeRO-0: Fira's state "
+                         "does not carry over between ZeRO-1/2/3 and ZeRO-0. Resume under ZeRO stage 1-3 (at any world "
+                         "size), or load the weights only (engine.load_checkpoint(..., load_optimizer_states=False))")
+    if src is None or mode == "replicated":
+        return original(load_dir, tag, **call)  # not a Fira ZeRO checkpoint, or ZeRO-0: DeepSpeed's own load
     if reshard is None:
         reshard = universal_cfg or src["kind"] == "universal" or (src["world_size"], src["zero_stage"]) != (W, stage)
     if not reshard:
         return original(load_dir, tag, **call)
-    uni = folder if src["kind"] == "universal" else _collective_convert(engine, folder, Path(load_dir), str(tag))
+    uni = folder if src["kind"] == "universal" else _collective_convert(folder, Path(load_dir), str(tag))
     full = torch.load(uni / FIRA_STATE, map_location="cpu", weights_only=True, mmap=True)
     if full.get("format") != FORMAT or full.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"fira: {uni / FIRA_STATE} is format {full.get('format')!r} version {full.get('version')}; "

@@ -13,6 +13,8 @@ update_proj_gap 5, 24 steps, global batch 16 = micro 4 x 2 ranks x 2 accumulatio
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -273,7 +275,11 @@ def ckpt(tmp_path_factory):
                _job("w1_z2_to_z3", 3, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True),
                _job("w1_z2_cfg", 2, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True, load_universal=True),
                _job("w1_other_model", 2, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True, model="odd",
-                    expect_error="written for another model")]
+                    expect_error="written for another model"),
+               _job("w1_z0_to_z2", 2, gas=w1, save_at=12, ckpt=str(out / "ck0"), load=True,
+                    expect_error="is a ZeRO-0 checkpoint"),
+               _job("w1_z2_to_z0", 0, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True,
+                    expect_error="this run is ZeRO-0")]
     (out / "w1.json").write_text(json.dumps(w1_jobs))
     run_mpirun(WORKER, 1, ["--jobs", out / "w1.json", "--out", out])
     return out
@@ -343,11 +349,16 @@ def test_universal_checkpoint_at_the_same_size_is_bitwise(ckpt, stage):
     assert res["engine_step"] == res["global_step"] == res["global_steps"] == STEPS
 
 
-def test_resharding_refuses_another_model(ckpt):
-    """The LLaMA's ZeRO-2 checkpoint loaded into another model at another world size: refused before anything is
-    loaded, naming parameters on both sides."""
+def test_resharding_refuses_what_does_not_fit(ckpt):
+    """At another world size, refused before anything is loaded, naming what differs: the LLaMA's ZeRO-2 checkpoint
+    loaded into another model (parameters named on both sides); a ZeRO-0 checkpoint under ZeRO-2 and a ZeRO-2 one
+    under ZeRO-0 (DeepSpeed alone would drop the optimizer state, or fail on it)."""
     err = (ckpt / "w1_other_model.err").read_text()
     assert "written for another model" in err and "mlp0.weight" in err and "lm_head.weight" in err, err
+    err = (ckpt / "w1_z0_to_z2.err").read_text()
+    assert "is a ZeRO-0 checkpoint" in err and "this run is ZeRO-2" in err, err
+    err = (ckpt / "w1_z2_to_z0.err").read_text()
+    assert "ZeRO-1/2/3 partitions; this run is ZeRO-0" in err, err
 
 
 def _copy_checkpoint(ckpt: Path, dst: Path, stage: int = 2) -> Path:
@@ -387,9 +398,10 @@ def test_universal_conversion_refuses_bad_input(ckpt, tmp_path):
 
 def test_universal_conversion_is_all_or_nothing(ckpt, tmp_path, monkeypatch):
     """A conversion that fails midway (here: the disk fills after 5 files) leaves neither the universal folder nor its
-    temporary folder; the next attempt writes a complete one, which is reused while the checkpoint's files are
-    unchanged and redone when they change (a later save under the same tag). The command line does the same and
-    names the result in latest_universal, as DeepSpeed's ds_to_universal does."""
+    temporary folder; the next attempt (the command line, which also names the result in latest_universal, as
+    DeepSpeed's ds_to_universal does) writes a complete one: the fp32 weights bitwise DeepSpeed's zero_to_fp32, every
+    matrix's state whole. It is reused while the checkpoint's files are unchanged and redone when they change (a
+    later save under the same tag)."""
     from fira_dist import ds_universal as U
 
     folder = _copy_checkpoint(ckpt, tmp_path, stage=3)
@@ -411,9 +423,14 @@ def test_universal_conversion_is_all_or_nothing(ckpt, tmp_path, monkeypatch):
     assert (folder / "latest_universal").read_text() == "ckpt_universal"
     full = torch.load(out / "fira_state.pt", weights_only=True)  # plain tensors and numbers
     assert (full["world_size"], full["zero_stage"], full["engine_step"]) == (2, 3, 12)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's own fp32 reconstruction, for comparison
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="ckpt")
+    assert set(fp32) == set(full["shapes"])
     for name, shape in full["shapes"].items():
         w = torch.load(out / "zero" / name / "fp32.pt", weights_only=False)["param"]
-        assert tuple(w.shape) == shape and w.dtype == torch.float32
+        assert tuple(w.shape) == shape and w.dtype == torch.float32 and torch.equal(w, fp32[name]), name
         st = full["state"][name]
         if "proj" in name:  # whole low-rank state, assembled from the two ranks' ZeRO-3 slices
             m, n = shape

@@ -250,7 +250,6 @@ class FlatState:
         """Keep this rank's part of a whole Fira state (``ds_universal.read_fira_state``, checked by
         ``check_full_state``) under the current plan, whatever world size and ZeRO stage wrote it, and resume its
         engine-step count. Replaces the state of every flat partition. Not collective: each rank reads what it keeps."""
-        me = self.comm.rank
         step = int(full["engine_step"])
         for b in self.buckets.values():
             units: dict[str, Any] = {}
@@ -258,7 +257,7 @@ class FlatState:
             for u in b.units:
                 o = self.opt.group_options(u.group)
                 st = full["state"].get(u.name)
-                if st is not None and self._holds_state(u) and (u.low_rank or u.piece_of(me) is not None):
+                if st is not None and self._holds_state(u):  # never stepped before the save: fresh state
                     units[u.name] = self._part_of(u, o, st, b.flat.device)
             self.opt.state[b.flat] = {UNITS: units, META: {**self._meta(), "engine_step": step}}
             if o is not None:
