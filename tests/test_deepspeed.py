@@ -3,7 +3,8 @@ split, step counting, checkpoints, world-size change, the register() path and th
 
 Launches (each a separate set of processes; the pytest process never joins a process group):
 - torchrun, 2 ranks: every training run compared with one process (fixture ``runs``);
-- mpirun, 2 ranks then 1 rank: checkpoints (fixture ``ckpt``);
+- mpirun, 1 rank, 2 ranks, then 1 rank: checkpoints, and their resharding at another world size or ZeRO stage
+  (fixture ``ckpt``);
 - the deepspeed launcher, 2 ranks: the Trainer.
 
 Test data (tests/ds_common.py): a tiny LLaMA (hidden 64, 2 layers, vocab 128, seq 16), rank 8,
