@@ -9,7 +9,8 @@
 
 Either way the Fira optimizer gets the DeepSpeed layout (``fira_dist.layouts.flat_partition``): ZeRO 0-3,
 fp32 or bf16 (fp32 master weights), each matrix's Fira state on one rank, updates written back into
-DeepSpeed's partitions. See docs/deepspeed.md for every key of the block.
+DeepSpeed's partitions, and the engine's ``load_checkpoint`` loads a ZeRO-1/2/3 checkpoint at another
+data-parallel world size or stage too (``fira_dist.ds_universal``). See docs/deepspeed.md for every key of the block.
 """
 
 from __future__ import annotations
@@ -164,9 +165,11 @@ def check_ds_config(config: Mapping[str, Any]) -> None:
                              "optimizer; expected 'none' (Fira's state is already split across ranks; offload is "
                              "untested)")
     ckpt = config.get("checkpoint") or {}
-    if isinstance(ckpt, Mapping) and ckpt.get("load_universal"):
-        raise ValueError("ds_config checkpoint.load_universal=true is not supported with the 'fira' optimizer (universal "
-                         "checkpoints re-slice elementwise optimizer state; Fira's is per matrix); expected false")
+    if isinstance(ckpt, Mapping) and ckpt.get("load_universal") and stage == 0:
+        raise ValueError("ds_config checkpoint.load_universal=true is not accepted with the 'fira' optimizer under "
+                         "ZeRO stage 0 (a ZeRO-0 checkpoint holds Fira's whole state and loads at any world size as "
+                         "it is); expected false, or a zero_optimization.stage of 1-3 (Fira's universal checkpoints: "
+                         "fira_dist.ds_universal)")
     if zero.get("elastic_checkpoint"):
         raise ValueError("ds_config zero_optimization.elastic_checkpoint=true is not supported with the 'fira' optimizer "
                          "(its per-matrix state does not follow the flat partition); expected false")
@@ -228,6 +231,9 @@ def attach(engine: Any) -> None:
     if not isinstance(opt.layout, FlatPartition):
         opt.layout = FlatPartition(opt)
     opt.layout.bind(engine)
+    from fira_dist import ds_universal
+
+    ds_universal.install(engine)  # engine.load_checkpoint also loads at another world size or ZeRO stage
     log.info("fira: DeepSpeed layout bound (%s, ZeRO stage %d, %d ranks)", opt.layout.mode, opt.layout.stage,
              opt.layout.comm.world_size)
 

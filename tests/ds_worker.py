@@ -8,7 +8,10 @@ jobs.json is a list of jobs; each builds a fresh tiny LLaMA and engine and train
      "save_at": k (save a checkpoint after k steps) , "load": true (load it first and continue from there),
      "ckpt": dir, "expect_error": substring (the job must fail with it), "grad_accum_dtype": "fp32",
      "zero_init": true (build the model under deepspeed.zero.Init), "model": "llama" | "odd" (ds_common.OddMLP),
-     "make_v1": true (before loading, rank 0 rewrites the checkpoint as fira_dist layout version 1 wrote it)}
+     "make_v1": true (before loading, rank 0 rewrites the checkpoint as fira_dist layout version 1 wrote it),
+     "reshard": true (load through fira_dist.ds_universal's universal checkpoint even at the same size and stage),
+     "stop_at": k (stop after k steps, on the data of a "steps"-step run),
+     "load_universal": true (the ds_config's checkpoint.load_universal)}
 Rank 0 writes OUTDIR/<name>.pt: losses per step, final full parameters (fp32), every rank's Fira state
 bytes, per-matrix state bytes and owners, the comm stats and the engine step count, and per engine step each
 rank's optimizer bytes measured (comm_stats) and by the layout's formula (expected_comm_bytes).
@@ -53,6 +56,8 @@ def run_job(job: dict, out: Path) -> None:
     stage, steps, micro, gas = job["stage"], job["steps"], job.get("micro", 2), job.get("gas", 1)
     cfg = ds_config(stage, job.get("dtype", "fp32"), micro, gas, W, job.get("clip", 0.0), job.get("fira"),
                     grad_accum_dtype=job.get("grad_accum_dtype"))
+    if job.get("load_universal"):  # DeepSpeed's switch: every load goes through the universal checkpoint
+        cfg["checkpoint"] = {"load_universal": True}
     if job.get("zero_init"):  # parameters partitioned at construction (as from_pretrained does under ZeRO-3)
         import transformers.models.llama.modeling_llama  # noqa: F401  (import outside zero.Init: torch._dynamo)
 
@@ -76,12 +81,17 @@ def run_job(job: dict, out: Path) -> None:
                 rewritten = rewrite_as_layout_v1(Path(job["ckpt"]) / "ckpt", W, shapes, cfg["optimizer"]["params"]["rank"])
                 assert rewritten > 0
             dist.barrier()
-        path, _ = engine.load_checkpoint(job["ckpt"], tag="ckpt")
+        if job.get("reshard"):  # through the universal checkpoint even at the same world size and stage
+            from fira_dist.ds_universal import load_checkpoint
+
+            path, _ = load_checkpoint(engine, job["ckpt"], tag="ckpt", reshard=True)
+        else:  # at another world size or stage engine.load_checkpoint reshards by itself (fira_dist.ds_universal)
+            path, _ = engine.load_checkpoint(job["ckpt"], tag="ckpt")
         assert path is not None, "checkpoint not loaded"
         start = job["save_at"]
     data = batches(kind, steps, micro * gas * W, job.get("seed", 0))
     losses, norms, comm = [], [], []
-    for step in range(start, steps):
+    for step in range(start, job.get("stop_at", steps)):  # the data depends on "steps": stop_at ends a run early
         batch = data[step]
         acc = torch.zeros(())
         for k in range(gas):

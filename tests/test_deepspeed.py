@@ -3,7 +3,8 @@ split, step counting, checkpoints, world-size change, the register() path and th
 
 Launches (each a separate set of processes; the pytest process never joins a process group):
 - torchrun, 2 ranks: every training run compared with one process (fixture ``runs``);
-- mpirun, 2 ranks then 1 rank: checkpoints (fixture ``ckpt``);
+- mpirun, 1 rank, 2 ranks, then 1 rank: checkpoints, and their resharding at another world size or ZeRO stage
+  (fixture ``ckpt``);
 - the deepspeed launcher, 2 ranks: the Trainer.
 
 Test data (tests/ds_common.py): a tiny LLaMA (hidden 64, 2 layers, vocab 128, seq 16), rank 8,
@@ -13,6 +14,8 @@ update_proj_gap 5, 24 steps, global batch 16 = micro 4 x 2 ranks x 2 accumulatio
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -244,21 +247,41 @@ def test_bf16_without_refresh_is_within_bf16_tolerance(runs):
 # ---------------------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """mpirun, 2 ranks: per stage, train 24 steps saving at step 12, then a new engine loads step 12 and continues.
-    Then mpirun, 1 rank: load the 2-rank checkpoints (ZeRO-0: works; ZeRO-2: DeepSpeed refuses, by name)."""
+    """Checkpoints and world-size changes, in three mpirun launches:
+    1 rank: ZeRO-2 for 12 steps on the global batch of 16 (gradient accumulation 4), saved at step 12 (ck_w1);
+    2 ranks: per stage, 24 steps saving at step 12, then a new engine loads step 12 and continues; step 12 of ZeRO-2
+      and of ZeRO-3 (bf16) loaded again through Fira's universal checkpoint at the same size (fira_dist.ds_universal,
+      reshard=True); the 1-rank checkpoint loaded at 2 ranks under ZeRO-2 and under ZeRO-3;
+    1 rank: the 2-rank checkpoints loaded at 1 rank: ZeRO-0 (its state is whole), ZeRO-2 under ZeRO-2 and under ZeRO-3
+      (resharded), and under another model (refused)."""
     if tool("mpirun") is None:
         pytest.skip("mpirun not installed (pip install mpich)")
     out = tmp_path_factory.mktemp("ds_ckpt")
+    w1 = 2 * GAS  # one rank: the same global batch of 16 with twice the gradient accumulation
+    src = [_job("w1_src_z2", 2, gas=w1, stop_at=12, save_at=12, ckpt=str(out / "ck_w1"))]
+    (out / "src.json").write_text(json.dumps(src))
+    run_mpirun(WORKER, 1, ["--jobs", out / "src.json", "--out", out])
     jobs = []
     for s in range(4):
         dtype = "bf16" if s == 3 else "fp32"  # ZeRO-3 in bf16: fp32 master partitions travel too
         common = {"save_at": 12, "ckpt": str(out / f"ck{s}"), "dtype": dtype}
         jobs += [_job(f"full_z{s}", s, **common), _job(f"resumed_z{s}", s, load=True, **common)]
+    jobs += [_job(f"same_z{s}", s, load=True, reshard=True, save_at=12, ckpt=str(out / f"ck{s}"),
+                  dtype="bf16" if s == 3 else "fp32") for s in (2, 3)]
+    jobs += [_job(f"w2_z{s}", s, load=True, save_at=12, ckpt=str(out / "ck_w1")) for s in (2, 3)]
     (out / "jobs.json").write_text(json.dumps(jobs))
     run_mpirun(WORKER, 2, ["--jobs", out / "jobs.json", "--out", out])
-    w1 = [_job("w1_z0", 0, gas=2 * GAS, save_at=12, ckpt=str(out / "ck0"), load=True),
-          _job("w1_z2", 2, gas=2 * GAS, save_at=12, ckpt=str(out / "ck2"), load=True, expect_error="world size")]
-    (out / "w1.json").write_text(json.dumps(w1))
+    w1_jobs = [_job("w1_z0", 0, gas=w1, save_at=12, ckpt=str(out / "ck0"), load=True),
+               _job("w1_z2", 2, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True),
+               _job("w1_z2_to_z3", 3, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True),
+               _job("w1_z2_cfg", 2, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True, load_universal=True),
+               _job("w1_other_model", 2, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True, model="odd",
+                    expect_error="written for another model"),
+               _job("w1_z0_to_z2", 2, gas=w1, save_at=12, ckpt=str(out / "ck0"), load=True,
+                    expect_error="is a ZeRO-0 checkpoint"),
+               _job("w1_z2_to_z0", 0, gas=w1, save_at=12, ckpt=str(out / "ck2"), load=True,
+                    expect_error="this run is ZeRO-0")]
+    (out / "w1.json").write_text(json.dumps(w1_jobs))
     run_mpirun(WORKER, 1, ["--jobs", out / "w1.json", "--out", out])
     return out
 
@@ -278,16 +301,148 @@ def test_resume_equals_uninterrupted(ckpt, stage):
     assert res["engine_step"] == STEPS and res["global_step"] == STEPS
 
 
+def _assert_continues(run: dict, full: dict, start: int, what: str, rtol: float = 1e-4) -> None:
+    """Losses of steps start.. and final parameters within rtol (relative to each tensor's largest entry) of the
+    uninterrupted run on the same global batch."""
+    la, lb = torch.tensor(run["losses"]), torch.tensor(full["losses"][start:])
+    lerr = float(((la - lb).abs() / lb).max())
+    perr = {n: float((run["params"][n] - p).abs().max() / p.abs().max()) for n, p in full["params"].items()}
+    worst = max(perr, key=perr.get)
+    print(f"{what}: loss max relative error {lerr:.1e}, parameters max {perr[worst]:.1e} ({worst})")
+    assert lerr <= rtol and perr[worst] <= rtol, (what, lerr, worst, perr[worst])
+    assert run["engine_step"] == run["global_step"] == run["global_steps"] == STEPS, what
+
+
 def test_world_size_change(ckpt):
-    """A 2-rank checkpoint loaded by 1 rank. ZeRO-0: the checkpoint holds every rank's Fira state (state_dict()
-    gathers it), so it loads and continues like the 2-rank run. ZeRO-1/2/3: DeepSpeed refuses, naming both sizes."""
-    full, w1 = _load(ckpt, "full_z0"), _load(ckpt, "w1_z0")
-    la, lb = torch.tensor(w1["losses"]), torch.tensor(full["losses"][12:])
-    assert float(((la - lb).abs() / lb).max()) <= 1e-4
+    """A 2-rank checkpoint loaded by 1 rank, continuing on the same global batch (gradient accumulation 4 instead of
+    2). ZeRO-0: the checkpoint holds every rank's Fira state (state_dict() gathers it). ZeRO-2 (DeepSpeed alone
+    refuses: "The checkpoint being loaded used a DP world size of 2 but the current world size is 1"): engine.load_
+    checkpoint converts it to Fira's universal checkpoint and reshards, under ZeRO-2 and under ZeRO-3. Each
+    continues within 1e-4 of the uninterrupted 2-rank run."""
+    _assert_continues(_load(ckpt, "w1_z0"), _load(ckpt, "full_z0"), 12, "ZeRO-0, 2 ranks -> 1")
+    for name in ("w1_z2", "w1_z2_to_z3"):
+        _assert_continues(_load(ckpt, name), _load(ckpt, "full_z2"), 12, f"{name}: ZeRO-2, 2 ranks -> 1")
+    assert (ckpt / "ck2" / "ckpt_universal" / "fira_state.pt").is_file()  # written beside the checkpoint
+    # "checkpoint": {"load_universal": true} in the ds_config (accepted with Fira under ZeRO-1/2/3) takes the same path
+    cfg, plain = _load(ckpt, "w1_z2_cfg"), _load(ckpt, "w1_z2")
+    assert cfg["losses"] == plain["losses"]
+    assert all(torch.equal(cfg["params"][n], p) for n, p in plain["params"].items())
+
+
+def test_world_size_grows(ckpt):
+    """A 1-rank ZeRO-2 checkpoint (step 12, the same global batch of 16) loaded by 2 ranks under ZeRO-2 and under
+    ZeRO-3 (where every matrix's state is sliced over the ranks): both continue within 1e-4 of the uninterrupted
+    2-rank ZeRO-2 run."""
+    full = _load(ckpt, "full_z2")
+    for stage in (2, 3):
+        _assert_continues(_load(ckpt, f"w2_z{stage}"), full, 12, f"ZeRO-2 1 rank -> ZeRO-{stage} 2 ranks")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_universal_checkpoint_at_the_same_size_is_bitwise(ckpt, stage):
+    """Step 12 loaded through Fira's universal checkpoint at the world size and stage that wrote it (whole state
+    assembled from both ranks' files, ZeRO-3 slices included, then cut again; fp32 master weights through
+    DeepSpeed's universal loader): bitwise the uninterrupted run (ZeRO-3 in bf16)."""
+    full, res = _load(ckpt, f"full_z{stage}"), _load(ckpt, f"same_z{stage}")
+    assert res["losses"] == full["losses"][12:]
     for n, p in full["params"].items():
-        assert float((w1["params"][n] - p).abs().max() / p.abs().max()) <= 1e-4, n
-    err = (ckpt / "w1_z2.err").read_text()
-    assert "world size of 2" in err and "current world size is 1" in err, err
+        assert torch.equal(res["params"][n], p), n
+    assert res["engine_step"] == res["global_step"] == res["global_steps"] == STEPS
+
+
+def test_resharding_refuses_what_does_not_fit(ckpt):
+    """At another world size, refused before anything is loaded, naming what differs: the LLaMA's ZeRO-2 checkpoint
+    loaded into another model (parameters named on both sides); a ZeRO-0 checkpoint under ZeRO-2 and a ZeRO-2 one
+    under ZeRO-0 (DeepSpeed alone would drop the optimizer state, or fail on it)."""
+    err = (ckpt / "w1_other_model.err").read_text()
+    assert "written for another model" in err and "mlp0.weight" in err and "lm_head.weight" in err, err
+    err = (ckpt / "w1_z0_to_z2.err").read_text()
+    assert "is a ZeRO-0 checkpoint" in err and "this run is ZeRO-2" in err, err
+    err = (ckpt / "w1_z2_to_z0.err").read_text()
+    assert "ZeRO-1/2/3 partitions; this run is ZeRO-0" in err, err
+
+
+def _copy_checkpoint(ckpt: Path, dst: Path, stage: int = 2) -> Path:
+    """A copy of the 2-rank checkpoint of one stage as <dst>/ckpt (the converter then writes <dst>/ckpt_universal)."""
+    import shutil
+
+    shutil.copytree(ckpt / f"ck{stage}" / "ckpt", dst / "ckpt")
+    return dst
+
+
+def test_universal_conversion_refuses_bad_input(ckpt, tmp_path):
+    """fira_dist.ds_universal.convert names what is wrong and writes nothing: a rank's file missing, a checkpoint whose
+    optimizer state is not Fira's (another optimizer's elementwise moments), a folder that is no ZeRO checkpoint."""
+    from fira_dist import ds_universal as U
+
+    missing = _copy_checkpoint(ckpt, tmp_path / "missing")
+    (missing / "ckpt" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(ValueError, match=r"written by 2 data-parallel ranks .* files of ranks \[1\] are missing"):
+        U.convert(missing, "ckpt")
+    adam = _copy_checkpoint(ckpt, tmp_path / "adam")
+    for r in range(2):
+        f = adam / "ckpt" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        sd = torch.load(f, weights_only=False)
+        state = sd["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        for i, flat in enumerate(sd["optimizer_state_dict"]["single_partition_of_fp32_groups"]):
+            state[i] = {"step": torch.tensor(12.0), "exp_avg": torch.zeros_like(flat),
+                        "exp_avg_sq": torch.zeros_like(flat)}
+        torch.save(sd, f)
+    with pytest.raises(ValueError, match=r"not fira_dist.Fira's \(its entries have keys "
+                                         r"\['exp_avg', 'exp_avg_sq', 'step'\]"):
+        U.convert(adam, "ckpt")
+    with pytest.raises(ValueError, match="holds no ZeRO optimizer-state files"):
+        U.convert(tmp_path, "missing")
+    for folder in (missing, adam):  # nothing written
+        assert sorted(p.name for p in folder.iterdir()) == ["ckpt"]
+
+
+def test_universal_conversion_is_all_or_nothing(ckpt, tmp_path, monkeypatch):
+    """A conversion that fails midway (here: the disk fills after 5 files) leaves neither the universal folder nor its
+    temporary folder; the next attempt (the command line, which also names the result in latest_universal, as
+    DeepSpeed's ds_to_universal does) writes a complete one: the fp32 weights bitwise DeepSpeed's zero_to_fp32, every
+    matrix's state whole. It is reused while the checkpoint's files are unchanged and redone when they change (a
+    later save under the same tag)."""
+    from fira_dist import ds_universal as U
+
+    folder = _copy_checkpoint(ckpt, tmp_path, stage=3)
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) > 5:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(U.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        U.convert(folder, "ckpt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt"]
+    assert U.main([str(folder), "--tag", "ckpt"]) == 0
+    out = folder / "ckpt_universal"
+    assert (folder / "latest_universal").read_text() == "ckpt_universal"
+    full = torch.load(out / "fira_state.pt", weights_only=True)  # plain tensors and numbers
+    assert (full["world_size"], full["zero_stage"], full["engine_step"]) == (2, 3, 12)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's own fp32 reconstruction, for comparison
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="ckpt")
+    assert set(fp32) == set(full["shapes"])
+    for name, shape in full["shapes"].items():
+        w = torch.load(out / "zero" / name / "fp32.pt", weights_only=False)["param"]
+        assert tuple(w.shape) == shape and w.dtype == torch.float32 and torch.equal(w, fp32[name]), name
+        st = full["state"][name]
+        if "proj" in name:  # whole low-rank state, assembled from the two ranks' ZeRO-3 slices
+            m, n = shape
+            k = min(FIRA_PARAMS["rank"], m, n)
+            assert tuple(st["projector"].shape) == ((k, n) if m >= n else (m, k)), name
+            assert tuple(st["exp_avg"].shape) == ((m, k) if m >= n else (k, n)), name
+        else:
+            assert st["exp_avg"].numel() == w.numel(), name
+    assert U.is_current(out, folder / "ckpt")
+    (folder / "ckpt" / "zero_pp_rank_0_mp_rank_00_model_states.pt").touch()  # as a new save would
+    assert not U.is_current(out, folder / "ckpt")
 
 
 # ---------------------------------------------------------------------------------------------- HF Trainer

@@ -97,8 +97,9 @@ def test_impossible_zero_settings(zero, message):
     with pytest.raises(ValueError) as err:
         fds.check_ds_config({"zero_optimization": zero, "optimizer": {"type": "fira"}})
     assert message in str(err.value)
-    with pytest.raises(ValueError, match="checkpoint.load_universal=true is not supported"):
-        fds.check_ds_config({"zero_optimization": {"stage": 2}, "checkpoint": {"load_universal": True}})
+    with pytest.raises(ValueError, match="checkpoint.load_universal=true is not accepted .* under ZeRO stage 0"):
+        fds.check_ds_config({"zero_optimization": {"stage": 0}, "checkpoint": {"load_universal": True}})
+    fds.check_ds_config({"zero_optimization": {"stage": 2}, "checkpoint": {"load_universal": True}})  # ds_universal
     fds.check_ds_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
 
 

@@ -16,6 +16,7 @@ one process, and 2 processes (torchrun, gloo) under ddp, fsdp2 and deepspeed ZeR
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -137,19 +138,31 @@ def test_deepspeed_zero2_fira_nan_skip_and_exact_resume(tmp_path):
     cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                                "zero_optimization": {"stage": 2}, "gradient_clipping": 0.0,
                                "optimizer": {"type": "fira", "params": {"alpha": 0.25}}}))
-    args = [*TOY, "--strategy", "deepspeed", "--deepspeed", str(cfg), "--micro-batch-size", "1", "--grad-accum", "2",
-            "--max-steps", "4", "--eval-every", "1", "--no-tensorboard", "--inject-nan-at", "2"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    out = ok(pretrain([*args, "--save-every", "2", "--keep-last", "0", "--output-dir", str(a)], nproc=2))
+    args = [*TOY, "--strategy", "deepspeed", "--deepspeed", str(cfg), "--micro-batch-size", "1", "--max-steps", "4",
+            "--eval-every", "1", "--no-tensorboard", "--inject-nan-at", "2"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    out = ok(pretrain([*args, "--grad-accum", "2", "--save-every", "2", "--keep-last", "0", "--output-dir", str(a)],
+                      nproc=2))
     assert "deepspeed ZeRO-2 x 2" in out and "fira (rank 8)" in out
     la, ea = losses(a), evals(a)
     assert la[2] is None and ea[2] == ea[1]  # DeepSpeed skipped the non-finite step on both ranks
     assert json.loads((a / "summary.json").read_text())["skipped_steps"] == 1
     assert (a / "checkpoints" / "step_00000002" / "deepspeed").is_dir()
-    ok(pretrain([*args, "--save-every", "0", "--output-dir", str(b), "--resume",
+    ok(pretrain([*args, "--grad-accum", "2", "--save-every", "0", "--output-dir", str(b), "--resume",
                  str(a / "checkpoints" / "step_00000002")], nproc=2))
     assert losses(b) == {3: la[3], 4: la[4]}
     assert evals(b) == {3: ea[3], 4: ea[4]}
+    # the same run requeued on one process (same global batch: gradient accumulation 4): --resume auto finds step 2,
+    # written by 2 ranks, and reshards it through a universal checkpoint
+    shutil.copytree(a, c)
+    shutil.rmtree(c / "checkpoints" / "step_00000004")
+    out = ok(pretrain([*args, "--grad-accum", "4", "--save-every", "0", "--output-dir", str(c)], nproc=1))
+    assert "written by 2 ranks under ZeRO-2, this job has 1 under ZeRO-2" in out, out[-3000:]
+    assert "resharded through the universal checkpoint" in out, out[-3000:]
+    assert (c / "checkpoints" / "step_00000002" / "deepspeed_universal" / "fira_state.pt").is_file()
+    lc = losses(c)
+    for step in (3, 4):  # 3: the loaded weights; 4: the update made with the loaded Fira state
+        assert abs(lc[step] - la[step]) <= 1e-4 * abs(la[step]), (step, lc[step], la[step])
 
 
 def test_consecutive_bad_steps_stop_with_exit_4(tmp_path):

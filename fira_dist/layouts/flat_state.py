@@ -13,8 +13,9 @@ Partitioned (ZeRO-1/2/3): ``opt.state[flat] = {"fira_units": {param name: state}
 Layout versions: 1 = fira_dist 0.1.0 (every matrix's whole state on a greedy-LPT owner, under every stage),
 2 = this module. A version-1 checkpoint loads at the same world size and stage: at the first step each matrix's
 state is sent from the rank that holds it to where version 2 keeps it (one broadcast per matrix, counted on
-``checkpoint_comm``). Another world size or stage is refused (DeepSpeed itself refuses first) with an error that
-names what wrote the checkpoint and what to do.
+``checkpoint_comm``). At another world size or stage (DeepSpeed refuses to load the files as they are),
+``fira_dist.ds_universal`` assembles every matrix's and Adam parameter's whole state from all rank files, and
+``load_full_state`` keeps this rank's part under the current plan (the slicing ``_part_of`` shares with version 1).
 
 Replicated (ZeRO-0): ``opt.state[param]`` as the single-process layout, on the owner only; ``state_dict()``
 gathers every rank's part (a collective: DeepSpeed calls it on every rank) because DeepSpeed writes ZeRO-0
@@ -114,10 +115,9 @@ class FlatState:
         if meta != want:
             raise ValueError(
                 f"fira: the checkpoint's optimizer state was written by fira_dist layout version {version} with "
-                f"{meta}; this run is {want}. Fira state under ZeRO loads at the same data-parallel world size and ZeRO "
-                "stage only: resume with the same world size and stage, or load the weights alone "
-                "(engine.load_checkpoint(..., load_optimizer_states=False)), which restarts Fira's moments and "
-                "projectors")
+                f"{meta}; this run is {want}. Loaded as it is, Fira state fits the same data-parallel world size and "
+                "ZeRO stage only; at another one load it with fira_dist.ds_universal.load_checkpoint(engine, dir, tag) "
+                "(what engine.load_checkpoint does for an engine built by fira_dist.deepspeed), which reshards it")
         if saved_step is not None and not self._round:
             self.engine_step = int(saved_step)  # resume the engine-step count with the state
         if version == 1:
@@ -151,8 +151,6 @@ class FlatState:
         """Version 1 kept each matrix's whole state on one rank (greedy LPT). Collective: who holds what is
         all-gathered (names only), then each matrix's state is broadcast by its holder and every rank keeps what
         version 2 gives it (ZeRO-1/2: the owner the whole state; ZeRO-3: its slice)."""
-        from fira_dist.layouts.sliced import projector_piece
-
         mats = [u for u in b.units if u.low_rank]
         held = sorted(u.name for u in mats if u.name in units)
         everyone: list[Any] = [None] * self.comm.world_size
@@ -167,8 +165,7 @@ class FlatState:
             q = source.get(u.name)
             if q is None:
                 continue  # never stepped before the checkpoint: fresh state
-            shapes = {"projector": projector_shape(u.shape, o.rank, u.side), "exp_avg": lowrank_shape(u.shape, o.rank, u.side)}
-            shapes.update(exp_avg_sq=shapes["exp_avg"], limiter_norm=(), step=())
+            shapes = self._whole_shapes(u, o)
             sizes = [int(torch.Size(shapes[k]).numel()) for k in LOW_RANK_KEYS]
             buf = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
             if q == self.comm.rank:
@@ -178,21 +175,95 @@ class FlatState:
             for k, size in zip(LOW_RANK_KEYS, sizes):
                 full[k] = buf[off:off + size].view(shapes[k])
                 off += size
-            if not self._holds_state(u):
-                continue
-            dt = self.opt.state_dtype(o, torch.float32)
-            new = {"step": full["step"].cpu().clone(), "limiter_norm": full["limiter_norm"].clone()}
-            if u.mat is None:
-                new.update({k: full[k].to(dt).clone() for k in ("projector", "exp_avg", "exp_avg_sq")})
-            else:  # ZeRO-3: this rank's slice
-                m = u.mat
-                new["projector"] = projector_piece(m, full["projector"], self.comm.rank).to(dt).clone()
-                for k in ("exp_avg", "exp_avg_sq"):
-                    if m.side == "right":
-                        new[k] = full[k][m.own[0]:m.own[1]].to(dt).clone()
-                    else:
-                        new[k] = full[k][:, m.cols[0]:m.cols[1]].to(dt).clone()
-            units[u.name] = new
+            if self._holds_state(u):
+                units[u.name] = self._part_of(u, o, full, dev)
+
+    def _whole_shapes(self, u: Any, o: GroupOptions) -> dict[str, tuple[int, ...]]:
+        """Shapes of a low-rank matrix's whole state (what one process holds)."""
+        lr = lowrank_shape(u.shape, o.rank, u.side)
+        return {"projector": projector_shape(u.shape, o.rank, u.side), "exp_avg": lr, "exp_avg_sq": lr,
+                "limiter_norm": (), "step": ()}
+
+    def _part_of(self, u: Any, o: GroupOptions, full: dict[str, torch.Tensor], dev: torch.device) -> dict[str, Any]:
+        """This rank's part of unit u's whole state (new tensors on ``dev``; moments and projector in the state dtype):
+        a ZeRO-1/2 matrix's owner the whole state, a ZeRO-3 matrix's holder its slice (``layouts.sliced``: Q's row
+        chunk or P's touched rows, the moments by owned rows or by columns), an Adam piece's holder its range of the
+        flattened moments. Not collective."""
+        from fira_dist.layouts.sliced import projector_piece
+
+        dt = self.opt.state_dtype(o, torch.float32)
+        new: dict[str, Any] = {"step": full["step"].detach().cpu().float().clone()}
+        if not u.low_rank:
+            pc = u.piece_of(self.comm.rank)
+            for k in ("exp_avg", "exp_avg_sq"):
+                new[k] = full[k].reshape(-1)[pc.start:pc.start + pc.length].to(dev, dt).clone()
+            return new
+        new["limiter_norm"] = full["limiter_norm"].to(dev, torch.float32).clone()
+        if u.mat is None:
+            new.update({k: full[k].to(dev, dt).clone() for k in ("projector", "exp_avg", "exp_avg_sq")})
+            return new
+        m = u.mat  # ZeRO-3: this rank's slice
+        new["projector"] = projector_piece(m, full["projector"], self.comm.rank).to(dev, dt).clone()
+        for k in ("exp_avg", "exp_avg_sq"):
+            part = full[k][m.own[0]:m.own[1]] if m.side == "right" else full[k][:, m.cols[0]:m.cols[1]]
+            new[k] = part.to(dev, dt).clone()
+        return new
+
+    # ------------------------------------------------------------------ whole state (fira_dist.ds_universal)
+    def check_full_state(self, full: Any, where: str) -> None:
+        """Refuse, before anything is loaded, a whole Fira state (``ds_universal.read_fira_state``) that does not fit
+        this run: other parameter names or shapes (another model, other trainable parameters), another number of
+        param groups, another ``rank`` or ``proj_type`` in a group, a parameter low-rank here and plain Adam there."""
+        if self.mode != "partitioned":
+            raise ValueError(f"fira: {where} holds Fira state for ZeRO-1/2/3 partitions; this run is ZeRO-0 "
+                             "(replicated), which loads ZeRO-0 checkpoints at any world size; use a ZeRO stage 1-3")
+        units = {u.name: u for b in self.buckets.values() for u in b.units}
+        saved = {n: tuple(s) for n, s in full["shapes"].items()}
+        missing, extra = sorted(set(units) - set(saved)), sorted(set(saved) - set(units))
+        other = sorted(n for n in set(units) & set(saved) if units[n].shape != saved[n])
+        if missing or extra or other:
+            shown = "; ".join(x for x in (
+                f"this model's {missing[:3]} are not in it" if missing else "",
+                f"it has {extra[:3]}, which this model lacks" if extra else "",
+                "shapes differ: " + ", ".join(f"{n} {saved[n]} there, {units[n].shape} here" for n in other[:3])
+                if other else "") if x)
+            raise ValueError(f"fira: {where} was written for another model (or other trainable parameters): {shown}")
+        groups = full["param_groups"]
+        if len(groups) != len(self.opt.param_groups):
+            raise ValueError(f"fira: {where} has {len(groups)} param groups, this optimizer "
+                             f"{len(self.opt.param_groups)} (other target_modules, or a 'rank': null block?)")
+        for i, (s, g) in enumerate(zip(groups, self.opt.param_groups)):
+            for key in ("rank", "proj_type"):
+                if s.get(key) != g.get(key):
+                    raise ValueError(f"fira: {where} param group {i} has {key}={s.get(key)!r}, this run "
+                                     f"{g.get(key)!r}: Fira's projectors and moments do not carry over to another rank "
+                                     "or projection side; "
+                                     f"use {key}={s.get(key)!r}, or load the weights only "
+                                     "(engine.load_checkpoint(..., load_optimizer_states=False))")
+        for name, st in full["state"].items():
+            if units[name].low_rank != ("projector" in st):
+                kind = ("a low-rank matrix here, plain Adam there" if units[name].low_rank else
+                        "plain Adam here, a low-rank matrix there")
+                raise ValueError(f"fira: {where}: {name} is {kind} (other target_modules?)")
+
+    def load_full_state(self, full: Any) -> None:
+        """Keep this rank's part of a whole Fira state (``ds_universal.read_fira_state``, checked by
+        ``check_full_state``) under the current plan, whatever world size and ZeRO stage wrote it, and resume its
+        engine-step count. Replaces the state of every flat partition. Not collective: each rank reads what it keeps."""
+        step = int(full["engine_step"])
+        for b in self.buckets.values():
+            units: dict[str, Any] = {}
+            o = None
+            for u in b.units:
+                o = self.opt.group_options(u.group)
+                st = full["state"].get(u.name)
+                if st is not None and self._holds_state(u):  # never stepped before the save: fresh state
+                    units[u.name] = self._part_of(u, o, st, b.flat.device)
+            self.opt.state[b.flat] = {UNITS: units, META: {**self._meta(), "engine_step": step}}
+            if o is not None:
+                self._check_shapes(b, o, units)
+            self._checked.add(id(b.flat))
+        self.engine_step = step
 
     # ------------------------------------------------------------------ ZeRO-0 checkpoints
     def _gather_state_dict(self, opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -26,8 +26,10 @@ rank's data-loader ``state_dict()``), ``rng`` (the per-rank files), ``counters``
 Model and optimizer state under single / ddp / fsdp2 go through ``get_state_dict`` / ``set_state_dict``
 with ``flatten_optimizer_state_dict=True`` (optimizer state keyed by parameter name, so a checkpoint can be
 loaded with another world size or among these three strategies), saved with ``dcp.save``. Under DeepSpeed,
-``engine.save_checkpoint`` / ``load_checkpoint`` (every rank writes its ZeRO partition; same world size to
-load).
+``engine.save_checkpoint`` / ``load_checkpoint`` (every rank writes its ZeRO partition). DeepSpeed loads ZeRO-1/2/3
+optimizer state at the same data-parallel world size only; a Fira run's checkpoint resumes at another world size or
+ZeRO stage (1-3) through a universal checkpoint written once beside it, ``step_N/deepspeed_universal/``
+(``fira_dist.ds_universal``); ZeRO-0 checkpoints hold the whole state and load at any world size.
 """
 
 from __future__ import annotations
@@ -200,8 +202,13 @@ def deepspeed_save(folder: Path, engine: Any) -> None:
 
 
 def deepspeed_load(folder: Path, engine: Any) -> None:
-    path, _ = engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True, load_module_strict=True)
+    """``engine.load_checkpoint`` of ``folder/deepspeed``. A Fira run's ZeRO-1/2/3 checkpoint written at another
+    data-parallel world size or ZeRO stage is resharded: rank 0 writes the universal checkpoint
+    ``folder/deepspeed_universal`` once, and every rank loads its part from it (``fira_dist.ds_universal``)."""
+    from fira_dist import ds_universal
+
+    path, _ = ds_universal.load_checkpoint(engine, str(folder), tag=DS_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True, load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}/{DS_TAG}")
 

@@ -237,7 +237,7 @@ class Trainer:
     def _load(self, folder: Path) -> int:
         t0 = time.perf_counter()
         m = C.read_manifest(folder)
-        if m.get("world_size") != self.world:
+        if m.get("world_size") != self.world and self.engine is None:  # DeepSpeed: the plan's note says what happens
             log.warning("checkpoint %s was written by %d ranks, this job has %d: model and optimizer state are "
                         "resharded (DCP), the data position continues in the global order", folder,
                         m.get("world_size"), self.world)

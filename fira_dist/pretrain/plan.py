@@ -439,7 +439,10 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
     except ValueError as e:
         raise UsageError(str(e)) from None
     if resume_from is not None:
-        _check_resume_compat(resume_from, strategy, optimizer, config, launch.world_size, seq_len, args.resume)
+        note = _check_resume_compat(resume_from, strategy, optimizer, config, launch.world_size, seq_len, args.resume,
+                                    zero_stage, ds_config)
+        if note:
+            notes.append(note)
 
     nan_at: set[int] = set()
     if args.inject_nan_at:
@@ -482,16 +485,32 @@ def _check_lowrank_rank(config: Any, target_modules: tuple[str, ...], rank: int)
 
 
 def _check_resume_compat(path: Path, strategy: str, optimizer: str, config: Any, world: int, seq_len: int,
-                         flag: str) -> None:
+                         flag: str, zero_stage: int | None = None, ds_config: dict | None = None) -> str | None:
+    """Refuse a checkpoint this run cannot continue from, naming why; returns a note when it is resharded."""
     m = C.read_manifest(path) or {}
     saved_ds = m.get("strategy") == "deepspeed"
     if saved_ds != (strategy == "deepspeed"):
         raise UsageError(f"--resume={flag!r}: checkpoint {path} was written by --strategy {m.get('strategy')} and "
                          f"cannot be loaded by --strategy {strategy} (DeepSpeed checkpoints load under deepspeed only, "
                          "DCP ones under single/ddp/fsdp2); use --resume none or another --output-dir")
-    if saved_ds and m.get("world_size") != world:
-        raise UsageError(f"--resume={flag!r}: DeepSpeed checkpoint {path} was written by {m.get('world_size')} ranks, "
-                         f"this job has {world}; expected the same world size")
+    note = None
+    saved = (m.get("world_size"), m.get("zero_stage", zero_stage))
+    if saved_ds and saved != (world, zero_stage):
+        opt = (ds_config or {}).get("optimizer") or {}
+        fira = isinstance(opt, dict) and str(opt.get("type", "")).lower() == "fira"
+        what = (f"DeepSpeed checkpoint {path} was written by {saved[0]} ranks under ZeRO-{saved[1]}, this job has "
+                f"{world} under ZeRO-{zero_stage}")
+        if saved[1] == 0 and zero_stage == 0:
+            note = f"{what}: a ZeRO-0 checkpoint holds the whole optimizer state and loads at any world size"
+        elif fira and saved[1] in (1, 2, 3) and zero_stage in (1, 2, 3):
+            note = (f"{what}: Fira's state and the fp32 master weights are resharded through a universal checkpoint "
+                    f"written beside it ({path}/{C.DS_TAG}_universal, fira_dist.ds_universal)")
+        else:
+            raise UsageError(
+                f"--resume={flag!r}: {what}. DeepSpeed loads ZeRO-1/2/3 optimizer state at the world size and stage "
+                "that wrote it; fira_dist reshards it between ZeRO stages 1-3 for the \"fira\" optimizer only, and "
+                "ZeRO-0 checkpoints load at any world size under ZeRO-0. Expected "
+                f"{saved[0]} ranks under ZeRO-{saved[1]}, or --resume none / another --output-dir")
     data = m.get("data") or [{}]
     if data[0].get("kind") == "streaming" and m.get("world_size") != world:
         raise UsageError(f"--resume={flag!r}: checkpoint {path} holds per-rank positions in a streamed dataset for "
@@ -508,6 +527,7 @@ def _check_resume_compat(path: Path, strategy: str, optimizer: str, config: Any,
     if m.get("seq_len") not in (None, seq_len):
         raise UsageError(f"--resume={flag!r}: checkpoint {path} was trained with --seq-len {m.get('seq_len')}, "
                          f"this run has {seq_len}")
+    return note
 
 
 def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_decay, rank, update_proj_gap, alpha,
