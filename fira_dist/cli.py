@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "memory": ("fira_dist.memory.report", "per-rank memory estimate / measurement for a model, optimizer and strategy"),
     "demo": ("fira_dist.demo", "train a small LLaMA with Fira on the embedded default (no network, no GPU)"),
     "convert-state": ("fira_dist.reference_state", "convert a fira.FiraAdamW / galore-torch GaLoreAdamW checkpoint"),
+    "reshard": ("fira_dist.ds_universal", "make a DeepSpeed checkpoint of a Fira run load at any world size and stage"),
 }
 
 

@@ -28,7 +28,7 @@ universal loader puts the fp32 master weights (and the engine's counters) into t
 keeps its part of Fira's state under the current plan (``FlatState.load_full_state``).
 
 Command line (converts ahead, and writes ``<load_dir>/latest_universal`` as DeepSpeed's converter does):
-``python -m fira_dist.ds_universal LOAD_DIR [--tag TAG] [--output DIR]``.
+``fira-dist reshard LOAD_DIR [--tag TAG] [--output DIR]`` (or ``python -m fira_dist.ds_universal``).
 """
 
 from __future__ import annotations
@@ -529,7 +529,7 @@ def install(engine: Any) -> None:
 
 # ----------------------------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fira_dist.ds_universal", description=(
+    ap = argparse.ArgumentParser(prog="fira-dist reshard", description=(
         "Convert a DeepSpeed ZeRO-1/2/3 checkpoint of a fira_dist.Fira run into a universal checkpoint "
         "(<LOAD_DIR>/<TAG>_universal) that loads at any data-parallel world size and ZeRO stage. Loading converts "
         "by itself when the world size or stage changed; this command does it ahead, on one process."))
