@@ -76,6 +76,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 TAG = "fdslurm"  # prefix of namespace names, run dirs and /etc/hosts markers
 HOSTS_MARK = f"# {TAG}-test-cluster"
 HOSTS_FILE = Path("/etc/hosts")
@@ -521,7 +522,10 @@ class SlurmCluster:
     # -- public API -----------------------------------------------------------------------------
     def client_env(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for Slurm clients and (via --export=ALL) for jobs."""
-        e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        # a job must not inherit the submitter's Slurm or torch-launcher variables (a rank or world size of the
+        # test process would make every task think it is the only rank)
+        e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+             and k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
         bindir = os.path.dirname(sys.executable)
         e["PATH"] = os.pathsep.join([bindir] + [p for p in e.get("PATH", "/usr/bin:/bin").split(os.pathsep)
                                               if p and p != bindir] + ["/usr/sbin", "/sbin"])
