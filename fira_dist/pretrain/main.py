@@ -34,7 +34,8 @@ from typing import Any, Sequence
 
 from fira_dist.pretrain import checkpoint as C
 from fira_dist.pretrain import distributed as D
-from fira_dist.pretrain.plan import FSDP_META_INIT_PARAMS, Plan, UsageError, build_parser, dry_run, resolve
+from fira_dist.pretrain.dry_run import dry_run
+from fira_dist.pretrain.plan import FSDP_META_INIT_PARAMS, Plan, UsageError, build_parser, resolve
 from fira_dist.pretrain.train_utils import (
     EXIT_BAD_STEPS, EXIT_DIST_FAILURE, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, EXIT_USAGE, Metrics, Progress,
     lr_factor, memory_reading, memory_short, setup_logging,
@@ -152,7 +153,7 @@ class Trainer:
 
         import fira_dist
 
-        from fira_dist.pretrain.plan import ADAM_EPS
+        from fira_dist.pretrain.ds_merge import ADAM_EPS
 
         plan = self.plan
         resets = {} if plan.momentum_reset_interval is None else {

@@ -1,8 +1,9 @@
-"""The flags of ``fira-dist pretrain``, their validation into a :class:`Plan`, and the dry run.
+"""The flags of ``fira-dist pretrain`` and their validation into a :class:`Plan`.
 
 :func:`resolve` checks every flag before anything is started (and the ds_config, data paths, tokenizer,
 resume checkpoint): a bad value raises :class:`UsageError` naming the flag, the value and what is accepted
-(exit 2). :func:`dry_run` prints the plan with the model on the meta device.
+(exit 2). ``ds_merge.py`` merges the flags into a ds_config; ``dry_run.py`` prints the plan with the model on
+the meta device.
 
 Exit codes (also written to ``OUTPUT/exit_status.json`` by rank 0, since ``torchrun`` reports 1 for any
 failing worker):
@@ -25,31 +26,24 @@ ignored with a warning.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from fira_dist.pretrain import checkpoint as C
 from fira_dist.pretrain import distributed as D
-from fira_dist.pretrain.train_utils import EXIT_OK
+from fira_dist.pretrain.ds_merge import merge_ds_config
+from fira_dist.pretrain.train_utils import UsageError, flag_error
 
 log = logging.getLogger("fira_dist.pretrain")
 
 STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")
 OPTIMIZERS = ("fira", "galore", "adamw", "lowrank")
 LOWRANK_ALPHA, LOWRANK_LR = 32.0, 0.0015  # Glentis et al. 2025's LLaMA-60M low-rank recipe (with rank 128)
-ADAM_EPS = 1e-8  # torch AdamW's eps, for the plain-Adam fira_dist.Fira of lowrank (and adamw with resets)
 FSDP_META_INIT_PARAMS = 1_000_000_000  # --init auto: FSDP2 models above this size are built on the meta device
-
-
-class UsageError(ValueError):
-    """A bad flag or config value; the message names it, its value and what is accepted."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -265,8 +259,7 @@ class Plan:
         return out
 
 
-def _flag(name: str, value: Any, accepted: str) -> UsageError:
-    return UsageError(f"--{name}={value!r} is not accepted; expected {accepted}")
+_flag = flag_error
 
 
 def _need(cond: bool, name: str, value: Any, accepted: str) -> None:
@@ -390,7 +383,7 @@ def resolve(args: argparse.Namespace, explicit: set[str], launch: D.LaunchEnv) -
     ds_config, zero_stage, ds_scheduler = None, None, False
     if strategy == "deepspeed":
         (ds_config, zero_stage, ds_scheduler, optimizer, lr, weight_decay, rank, update_proj_gap, alpha, grad_clip,
-         mbs, grad_accum, bf16, target_modules, reset_interval, recovery_steps) = _merge_ds_config(
+         mbs, grad_accum, bf16, target_modules, reset_interval, recovery_steps) = merge_ds_config(
             args, explicit, launch, notes, optimizer=optimizer, lr=lr, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, alpha=alpha, grad_clip=grad_clip, mbs=mbs, grad_accum=grad_accum,
             bf16=bf16, target_modules=target_modules, total=args.total_batch_size, reset_interval=reset_interval,
@@ -528,371 +521,3 @@ def _check_resume_compat(path: Path, strategy: str, optimizer: str, config: Any,
         raise UsageError(f"--resume={flag!r}: checkpoint {path} was trained with --seq-len {m.get('seq_len')}, "
                          f"this run has {seq_len}")
     return note
-
-
-def _merge_ds_config(args, explicit, launch, notes, *, optimizer, lr, weight_decay, rank, update_proj_gap, alpha,
-                     grad_clip, mbs, grad_accum, bf16, target_modules, total, reset_interval, recovery_steps):
-    """Read, validate and complete the ds_config. Returns the merged dict and the values the run will use."""
-    path = args.deepspeed
-    src = f"--deepspeed={path!r}"
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{src} is not accepted: no such file; expected a ds_config JSON file") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{src} is not accepted: cannot read it as JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{src} is not accepted: expected a JSON object, got {type(raw).__name__}")
-    cfg = copy.deepcopy(raw)
-    world = launch.world_size
-
-    def conflict(key: str, flag: str, cli: Any, conf: Any, hard: bool) -> None:
-        msg = f"{src}: {key}={conf!r} disagrees with --{flag}={cli!r}"
-        if hard:
-            raise UsageError(msg + "; remove one of them or make them agree (the ds_config wins when the flag is "
-                                   "not given)")
-        notes.append(msg + f"; the ds_config wins (--{flag} ignored)")
-
-    def num(key: str, conf: Any) -> int:
-        if isinstance(conf, bool) or not isinstance(conf, int) or conf < 1:
-            raise UsageError(f"{src}: {key}={conf!r} is not accepted; expected an integer >= 1 or \"auto\"")
-        return conf
-
-    # batch sizes
-    conf_mbs = cfg.get("train_micro_batch_size_per_gpu", "auto")
-    if conf_mbs != "auto":
-        conf_mbs = num("train_micro_batch_size_per_gpu", conf_mbs)
-        if "micro-batch-size" in explicit and conf_mbs != mbs:
-            conflict("train_micro_batch_size_per_gpu", "micro-batch-size", mbs, conf_mbs, hard=True)
-        mbs = conf_mbs
-    conf_gas = cfg.get("gradient_accumulation_steps", "auto")
-    conf_tbs = cfg.get("train_batch_size", "auto")
-    if conf_gas != "auto":
-        conf_gas = num("gradient_accumulation_steps", conf_gas)
-        if "grad-accum" in explicit and conf_gas != grad_accum:
-            conflict("gradient_accumulation_steps", "grad-accum", grad_accum, conf_gas, hard=True)
-        grad_accum = conf_gas
-    elif conf_tbs != "auto":
-        conf_tbs = num("train_batch_size", conf_tbs)
-        if conf_tbs % (mbs * world):
-            raise UsageError(f"{src}: train_batch_size={conf_tbs} is not a multiple of micro-batch x world size = "
-                             f"{mbs} x {world}")
-        grad_accum = conf_tbs // (mbs * world)
-    elif total is not None:
-        if total % (mbs * world):
-            raise _flag("total-batch-size", total, f"a multiple of micro-batch x world size = {mbs} x {world}")
-        grad_accum = total // (mbs * world)
-    if total is not None and total != mbs * grad_accum * world:
-        conflict("train_batch_size", "total-batch-size", total, mbs * grad_accum * world, hard=True)
-    if conf_tbs != "auto" and conf_tbs != mbs * grad_accum * world:
-        raise UsageError(f"{src}: train_batch_size={conf_tbs} is not accepted; expected train_micro_batch_size_per_gpu "
-                         f"x gradient_accumulation_steps x world size = {mbs} x {grad_accum} x {world} = "
-                         f"{mbs * grad_accum * world}")
-    cfg["train_micro_batch_size_per_gpu"] = mbs
-    cfg["gradient_accumulation_steps"] = grad_accum
-    cfg["train_batch_size"] = mbs * grad_accum * world
-
-    # precision
-    if (cfg.get("fp16") or {}).get("enabled"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"{src}: fp16.enabled=true is not accepted on CPU (DeepSpeed's fp16 needs a GPU); expected "
-                             "bf16 or fp32")
-        if bf16:
-            conflict("fp16.enabled", "bf16", True, True, hard=True)
-    bf16_block = cfg.get("bf16")
-    if isinstance(bf16_block, dict) and "enabled" in bf16_block:
-        if "bf16" in explicit and bool(bf16_block["enabled"]) != bf16:
-            conflict("bf16.enabled", "bf16", bf16, bf16_block["enabled"], hard=False)
-        bf16 = bool(bf16_block["enabled"])
-    else:
-        cfg["bf16"] = {**(bf16_block or {}), "enabled": bf16}
-
-    # clipping
-    if "gradient_clipping" in cfg:
-        gc = cfg["gradient_clipping"]
-        if isinstance(gc, bool) or not isinstance(gc, (int, float)) or not math.isfinite(gc) or gc < 0:
-            raise UsageError(f"{src}: gradient_clipping={gc!r} is not accepted; expected a number >= 0 (0: off)")
-        if "grad-clip" in explicit and cfg["gradient_clipping"] != grad_clip:
-            conflict("gradient_clipping", "grad-clip", grad_clip, cfg["gradient_clipping"], hard=False)
-        grad_clip = float(cfg["gradient_clipping"])
-    else:
-        cfg["gradient_clipping"] = grad_clip
-
-    # ZeRO
-    zero = cfg.get("zero_optimization") or {}
-    if not isinstance(zero, dict):
-        raise UsageError(f"{src}: zero_optimization must be a JSON object")
-    zero_stage = zero.get("stage", 0)
-    if zero_stage not in (0, 1, 2, 3):
-        raise UsageError(f"{src}: zero_optimization.stage={zero_stage!r} is not accepted; expected 0, 1, 2 or 3")
-
-    # optimizer: the config's block wins; the CLI fills what it lacks. lowrank (and adamw with resets) is Fira's plain
-    # Adam: a "fira" block with "rank": null (no low-rank groups)
-    adam_via_fira = optimizer == "lowrank" or (optimizer == "adamw" and reset_interval is not None)
-    resets = {"momentum_reset_interval": ("momentum-reset-interval", reset_interval),
-              "recovery_steps": ("recovery-steps", recovery_steps)} if reset_interval is not None else {}
-    block = cfg.get("optimizer")
-    if block is None:
-        if optimizer == "adamw" and reset_interval is None:
-            cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
-                                                             "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
-        else:
-            params = {"lr": lr, "weight_decay": weight_decay}
-            if adam_via_fira:
-                params.update(rank=None, eps=ADAM_EPS)
-            else:
-                params.update(rank=rank, update_proj_gap=update_proj_gap, alpha=alpha, target_modules=list(target_modules))
-            if optimizer == "galore":
-                params["algorithm"] = "galore"
-            params.update({key: value for key, (_, value) in resets.items()})
-            cfg["optimizer"] = {"type": "fira", "params": params}
-    else:
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise UsageError(f"{src}: optimizer must be an object with a \"type\" (e.g. \"fira\")")
-        params = block.setdefault("params", {})
-        if not isinstance(params, dict):
-            raise UsageError(f"{src}: optimizer.params must be a JSON object")
-        kind = block["type"].lower()
-        if kind == "fira":
-            if optimizer == "lowrank":
-                if params.get("rank", None) is not None:
-                    raise UsageError(f"{src}: optimizer.params.rank={params['rank']!r} is not accepted with --optimizer "
-                                     "lowrank; expected null (the factorized model is trained with plain Adam; --rank "
-                                     "sets the factors' rank)")
-                params["rank"] = None
-                params.setdefault("eps", ADAM_EPS)
-            if "rank" in params and params["rank"] is None:
-                block_opt = "lowrank" if optimizer == "lowrank" else "adamw"
-                fill = {"lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay)}
-            else:
-                block_opt = "galore" if str(params.get("algorithm", "fira")).lower() == "galore" else "fira"
-                fill = {"lr": ("lr", lr), "weight_decay": ("weight-decay", weight_decay), "rank": ("rank", rank),
-                        "update_proj_gap": ("update-proj-gap", update_proj_gap), "alpha": ("alpha", alpha),
-                        "target_modules": ("target-modules", list(target_modules))}
-                if "alpha" not in params and "scale" in params:
-                    fill.pop("alpha")
-                if "algorithm" not in params and optimizer == "galore":
-                    params["algorithm"] = "galore"
-                    block_opt = "galore"
-            if "optimizer" in explicit and optimizer != block_opt:
-                conflict("optimizer.params.rank" if block_opt in ("adamw", "lowrank") else "optimizer.params.algorithm",
-                         "optimizer", optimizer, block_opt, hard=False)
-            fill.update(resets)
-            for key, (flag, value) in fill.items():
-                if key in params:
-                    if flag in explicit and params[key] != value:
-                        conflict(f"optimizer.params.{key}", flag, value, params[key], hard=False)
-                else:
-                    params[key] = value
-            optimizer = block_opt
-            try:
-                from fira_dist.deepspeed import check_ds_config, parse_fira_block
-
-                fb = parse_fira_block(params)
-                check_ds_config(cfg)  # offload, elastic checkpoints: refused now, not after start-up
-            except ImportError:
-                fb = None
-            except ValueError as e:
-                raise UsageError(f"{src}: {e}") from None
-            if fb is not None:
-                lr, weight_decay = fb.defaults["lr"], fb.defaults["weight_decay"]
-                from fira_dist.config import MomentumReset
-
-                mr = MomentumReset.from_values(fb.defaults["momentum_reset_interval"], fb.defaults["recovery_steps"],
-                                               "momentum_reset_interval", "recovery_steps")  # validated already
-                reset_interval, recovery_steps = mr.interval, mr.recovery_steps
-                if fb.lowrank["rank"] is not None:
-                    rank, update_proj_gap, alpha = fb.lowrank["rank"], fb.lowrank["update_proj_gap"], fb.lowrank["alpha"]
-                    target_modules = tuple(fb.target_modules)  # what the run uses (the dry run checks these)
-        elif kind in ("adamw", "adam"):
-            if reset_interval is not None:
-                raise UsageError(f"{src}: optimizer.type={block['type']!r} is not accepted with "
-                                 f"--momentum-reset-interval={reset_interval}; expected \"fira\" (with \"rank\": null "
-                                 "it is Adam with momentum resets), or remove the optimizer block")
-            if optimizer == "lowrank":
-                notes.append(f"{src}: optimizer.type={block['type']!r}: the factorized model is trained with "
-                             "DeepSpeed's Adam")
-            else:
-                if "optimizer" in explicit and optimizer != "adamw":
-                    conflict("optimizer.type", "optimizer", optimizer, block["type"], hard=False)
-                optimizer = "adamw"
-            if "lr" not in params:
-                params["lr"] = lr
-            lr = params["lr"]
-            params.setdefault("torch_adam", True)
-        else:
-            raise UsageError(f"{src}: optimizer.type={block['type']!r} is not accepted; expected \"fira\" (Fira or, "
-                             "with params.algorithm \"galore\", GaLore; with params.rank null, Adam) or \"AdamW\"")
-    ds_scheduler = "scheduler" in cfg
-    if ds_scheduler:
-        notes.append(f"{src} has a scheduler block: DeepSpeed's scheduler sets the learning rate "
-                     "(--warmup-steps / --min-lr-ratio ignored)")
-    cfg.setdefault("steps_per_print", 2**31 - 1)
-    cfg.setdefault("wall_clock_breakdown", False)
-    return (cfg, zero_stage, ds_scheduler, optimizer, lr, weight_decay, rank, update_proj_gap, alpha, grad_clip,
-            mbs, grad_accum, bf16, target_modules, reset_interval, recovery_steps)
-
-
-# ----------------------------------------------------------------------------------------------- dry run
-def dry_run(plan: Plan) -> int:
-    """Print the plan: nothing is allocated (model on the meta device), no process group is started."""
-    import torch
-
-    from fira_dist import models as M
-
-    t0 = time.perf_counter()
-    model = M.build_model(plan.model_config, device="meta", dtype="bf16" if plan.bf16 else "fp32")
-    n_params = sum(p.numel() for p in model.parameters())
-    low, other = _lowrank_split(model, plan)
-    cfg = plan.model_config
-    le = plan.launch
-    lines = ["fira-dist pretrain --dry-run: the plan (model on the meta device; nothing allocated, no process group)"]
-    add = lines.append
-    per_node = "" if "dry-run-world-size" in le.launcher else \
-        f" ({le.local_world_size} per node, {le.num_nodes} node(s))"
-    add(f"launch       {le.launcher}: world size {le.world_size}{per_node}; this process is rank {le.rank}" + (f", rendezvous {le.master_addr}:{le.master_port}"
-                                                        if le.world_size > 1 and le.master_addr else ""))
-    dev = "cuda" if plan.device_request == "cuda" or (plan.device_request == "auto" and torch.cuda.is_available()) \
-        else "cpu"
-    strat = plan.strategy + (f" ZeRO-{plan.zero_stage} ({plan.deepspeed_path})" if plan.strategy == "deepspeed" else "")
-    add(f"strategy     {strat}; device {dev} ({'nccl' if dev == 'cuda' else 'gloo'}); "
-        f"{'bf16 compute, fp32 master weights' if plan.bf16 else 'fp32'}; activation checkpointing "
-        f"{'on' if plan.activation_checkpointing else 'off'}; --dist-timeout {plan.dist_timeout:.0f} s")
-    add(f"model        {plan.model}: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, heads "
-        f"{cfg.num_attention_heads}, layers {cfg.num_hidden_layers}, vocab {cfg.vocab_size} "
-        f"(tokenizer {plan.tokenizer_name or 'embedded'}); {n_params / 1e6:,.2f}M parameters")
-    if plan.optimizer == "adamw":
-        how = "fira_dist.Fira's plain Adam (eps 1e-8, for the resets)" if plan.fira_optimizer else "torch AdamW"
-        add(f"optimizer    adamw lr {plan.lr:g}, weight decay {plan.weight_decay:g}: every parameter full rank ({how})")
-    elif plan.optimizer == "lowrank":
-        add(_lowrank_plan(plan, model, low, n_params))
-    else:
-        n_low = sum(p.numel() for _, p in low)
-        add(f"optimizer    {plan.optimizer} rank {plan.rank}, update_proj_gap {plan.update_proj_gap}, alpha "
-            f"{plan.alpha:g}, lr {plan.lr:g}, weight decay {plan.weight_decay:g}, grad clip {plan.grad_clip:g}")
-        add(f"low rank     {len(low)} matrices, {n_low / 1e6:,.2f}M parameters ({100 * n_low / n_params:.1f}%), "
-            f"target modules {','.join(plan.target_modules)}:")
-        from fira_dist.projector import side_for
-
-        kinds: dict[tuple[str, tuple[int, ...]], int] = {}
-        for name, p in low:
-            key = (_kind_of(name), tuple(p.shape))
-            kinds[key] = kinds.get(key, 0) + 1
-        for (kind, shape), count in kinds.items():
-            side = side_for(shape, "std")
-            add(f"               {count:4d} x {kind:<28s} {shape[0]:>6d} x {shape[1]:<6d} ({side} projection, "
-                f"state {min(plan.rank, min(shape))} x {max(shape)} x 2 + projector)")
-        add(f"full rank    {len(other)} tensors ({sum(p.numel() for _, p in other) / 1e6:,.2f}M parameters: "
-            "embeddings, norms, lm_head ...) get plain Adam")
-    if plan.momentum_reset_interval is not None:
-        K, R = plan.momentum_reset_interval, plan.recovery_steps
-        add(f"restarts     every {K} steps ({(plan.max_steps - 1) // K} in this run): every parameter's Adam moments "
-            f"and step count zeroed" + ("" if plan.optimizer in ("adamw", "lowrank") else
-                                       ", projectors recomputed, limiter restarted")
-            + f"; lr x (0.001 + 0.999 j / {R}) on the j-th update after, j < {R}"
-            + ("; factors refactorized (B = U sqrt(S), A = sqrt(S) V^T of B A)" if plan.refactorize else ""))
-    add(f"batch        micro {plan.micro_batch_size} x seq {plan.seq_len} x grad-accum {plan.grad_accum} x "
-        f"{plan.world_size} rank(s) = {plan.global_batch} sequences = {plan.tokens_per_step:,} tokens per step")
-    add(f"schedule     {plan.max_steps} steps ({plan.max_steps * plan.tokens_per_step / 1e9:.3g}B tokens), warm-up "
-        f"{plan.warmup_steps}, cosine to {plan.min_lr_ratio:g} x lr" + (" (ds_config scheduler)" if plan.ds_scheduler
-                                                                         else ""))
-    add(f"data         {_data_desc(plan)}")
-    add(f"eval/ckpt    eval every {plan.eval_every or '-'} ({plan.eval_batches or 'all'} batches/rank); save every "
-        f"{plan.save_every or '-'} (keep {plan.keep_last or 'all'}) in {plan.output_dir}/checkpoints; resume: "
-        + (f"from {plan.resume_from}" if plan.resume_from else f"start fresh (--resume {plan.resume})"))
-    add("memory       per-rank estimate:")
-    add(_indent(_memory_estimate(plan), 13))
-    for n in plan.notes:
-        add(f"note         {n}")
-    if plan.ds_config is not None:
-        add("ds_config    " + json.dumps(plan.ds_config, sort_keys=True))
-    add(f"checks       OK ({time.perf_counter() - t0:.1f} s)")
-    if le.rank == 0:
-        print("\n".join(lines), flush=True)
-    return EXIT_OK
-
-
-def _indent(text: str, n: int) -> str:
-    return "\n".join(" " * n + line for line in text.splitlines())
-
-
-def _kind_of(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(p for p in parts if not p.isdigit() and p not in ("model", "layers", "weight"))
-
-
-def _data_desc(plan: Plan) -> str:
-    if plan.data:
-        from fira_dist.pretrain import data as DATA
-
-        _, files = DATA.resolve_data_files(plan.data)
-        ev = f"eval {plan.eval_data}" if plan.eval_data else f"{plan.val_fraction:g} held out for eval"
-        return f"{len(files)} local file(s) {plan.data} ({ev})" + (", streaming" if plan.streaming else "")
-    if plan.dataset:
-        return f"dataset {plan.dataset}" + (", streaming" if plan.streaming else "") + " (not opened in a dry run)"
-    return "the embedded English corpus (fira_dist/data)"
-
-
-def _lowrank_plan(plan: Plan, model: Any, low: list, n_params: int) -> str:
-    """The dry run's lines for --optimizer lowrank: which matrices become factors, and the parameter counts."""
-    from fira_dist.lowrank import factorized_shapes
-
-    r = plan.rank
-    shapes = factorized_shapes({n: tuple(p.shape) for n, p in model.named_parameters()}, r, plan.target_modules)
-    n_fact = sum(math.prod(s) for s in shapes.values())
-    n_low = sum(p.numel() for _, p in low)
-    lines = [f"optimizer    lowrank rank {r}, alpha {plan.alpha:g} (W = {plan.alpha:g}/{r} B A), Adam on every parameter "
-             f"(fira_dist.Fira plain Adam, eps 1e-8), lr {plan.lr:g}, weight decay {plan.weight_decay:g}, grad clip "
-             f"{plan.grad_clip:g}",
-             f"factorized   {len(low)} matrices ({n_low / 1e6:,.2f}M parameters), target modules "
-             f"{','.join(plan.target_modules)}, become B (m x {r}) and A ({r} x n): {n_params / 1e6:,.2f}M -> "
-             f"{n_fact / 1e6:,.2f}M trainable parameters:"]
-    kinds: dict[tuple[str, tuple[int, ...]], int] = {}
-    for name, p in low:
-        key = (_kind_of(name), tuple(p.shape))
-        kinds[key] = kinds.get(key, 0) + 1
-    for (kind, (m, n)), count in kinds.items():
-        lines.append(f"               {count:4d} x {kind:<28s} {m:>6d} x {n:<6d} -> B {m} x {r} + A {r} x {n}")
-    return "\n".join(lines)
-
-
-def _memory_estimate(plan: Plan) -> str:
-    from fira_dist.memory import MemoryConfig, estimate
-    from fira_dist.memory.report import format_single
-
-    strategy = plan.strategy if plan.strategy != "deepspeed" else (
-        "ddp" if plan.zero_stage == 0 else f"zero{plan.zero_stage}")
-    logging.getLogger("fira_dist.optimizer").setLevel(logging.WARNING)  # its per-matrix listing is the plan's
-    try:
-        cfg = MemoryConfig(model=plan.spec_name or "llama_60m", optimizer=plan.optimizer, rank=plan.rank,
-                           target_modules=plan.target_modules, strategy=strategy,
-                           world_size=plan.world_size, precision="bf16-mixed" if plan.bf16 else "fp32",
-                           micro_batch=plan.micro_batch_size, seq_len=plan.seq_len,
-                           activation_checkpointing=plan.activation_checkpointing,
-                           attention=plan.attn_implementation, vocab_size=plan.model_config.vocab_size)
-        if plan.spec_name is None:
-            return "(fira_dist.memory estimates table models only; --model is a config file)"
-        return format_single(estimate(cfg))
-    except Exception as e:  # the estimator is another module: report, do not fail the dry run
-        return f"(fira_dist.memory could not estimate this configuration: {type(e).__name__}: {e})"
-
-
-def _lowrank_split(model, plan: Plan):
-    """(name, param) of the matrices the low-rank group gets, and of the rest (same rule as param_groups)."""
-    import torch
-
-    picked = set()
-    if plan.optimizer != "adamw":
-        for mname, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and any(t in mname for t in plan.target_modules):
-                picked.add(f"{mname}.weight")
-        if not picked:
-            names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:4]
-            raise UsageError(f"--target-modules={','.join(plan.target_modules)!r} matched no nn.Linear module; names "
-                             f"look like {names}")
-    low = [(n, p) for n, p in model.named_parameters() if n in picked]
-    other = [(n, p) for n, p in model.named_parameters() if n not in picked]
-    return low, other

@@ -22,6 +22,15 @@ EXIT_BAD_STEPS = 4  # --max-bad-steps consecutive non-finite steps: checkpoint o
 EXIT_DIST_FAILURE = 5  # a collective failed or timed out (--dist-timeout): a rank died or hangs
 
 
+class UsageError(ValueError):
+    """A bad flag or config value; the message names it, its value and what is accepted (exit EXIT_USAGE)."""
+
+
+def flag_error(name: str, value: Any, accepted: str) -> UsageError:
+    """The error for a bad ``--name`` value."""
+    return UsageError(f"--{name}={value!r} is not accepted; expected {accepted}")
+
+
 # ----------------------------------------------------------------------------------------------- schedule
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> float:
     """Multiplier of the peak learning rate for optimizer update ``step`` (0-based).
