@@ -80,7 +80,10 @@ def run_one(name: str, args: argparse.Namespace, optimizer: str, lr: float, seed
     if strategy == "deepspeed":
         run_dir.mkdir(parents=True)
         ds_path.write_text(json.dumps(cfg, indent=1))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    # Threads per process: the caller's OMP_NUM_THREADS (e.g. 1 when two drivers share two cores), else the cores
+    # split between the run's processes.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // nproc))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads}
     if nproc == 1:
         cmd = [sys.executable, "-m", "fira_dist.pretrain", *flags]
     else:
@@ -141,6 +144,35 @@ def memory_bytes(args: argparse.Namespace, optimizer: str) -> dict[str, int]:
     return {"weights": int(d["params"]), "optimizer_states": int(d["optimizer_states"])}
 
 
+def next_rate(tried: dict[float, float]) -> float | None:
+    """The sweep's extension rule, the same for every method: when the rate with the lowest loss in ``tried``
+    ({lr: final validation loss}) is the lowest rate tried, half of it; when it is the highest, twice it; else
+    None (the best is inside the grid). A one-rate grid counts as its lowest end."""
+    best = min(tried, key=tried.get)
+    if best == min(tried):
+        return float(f"{best / 2:.6g}")
+    if best == max(tried):
+        return float(f"{best * 2:.6g}")
+    return None
+
+
+def ordering(rows: list[dict]) -> list[str]:
+    """Markdown lines ranking the single-process methods by mean final validation loss, each against the next:
+    the gap, its standard error sqrt(s1^2/n1 + s2^2/n2) over the seeds, and whether the gap exceeds twice it
+    ("resolved": beyond the seed spread). Empty with fewer than two methods of two or more seeds."""
+    ranked = sorted((r for r in rows if r["seeds"] > 1 and "(" not in r["config"]), key=lambda r: r["val_loss_mean"])
+    if len(ranked) < 2:
+        return []
+    lines = ["", "Ordering (single process, mean over seeds, lowest first; resolved: the gap exceeds twice its "
+                 "standard error over the seeds):", "",
+             "| method | next | gap in val loss | standard error of the gap | resolved |", "|---|---|---:|---:|---|"]
+    for a, b in zip(ranked, ranked[1:]):
+        gap = b["val_loss_mean"] - a["val_loss_mean"]
+        se = math.sqrt(a["val_loss_std"] ** 2 / a["seeds"] + b["val_loss_std"] ** 2 / b["seeds"])
+        lines.append(f"| {a['config']} | {b['config']} | {gap:.4f} | {se:.4f} | {'yes' if gap > 2 * se else 'no'} |")
+    return lines
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -167,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-grid", default="0.0025,0.005,0.01,0.02",
                     help="learning rates tried with seed 0 for each optimizer without --lr; the one with the lowest "
                          "final validation loss is then run with every seed (default %(default)s)")
+    ap.add_argument("--extend-grid", type=int, default=2, metavar="N",
+                    help="while the best rate of the sweep is its lowest (highest), also try half (twice) of it, at "
+                         "most N more rates per optimizer (default %(default)s; 0: the grid only)")
     ap.add_argument("--optimizers", default="adamw,galore,fira",
                     help=f"comma-separated methods of {', '.join(KNOWN)} (default %(default)s)")
     ap.add_argument("--distributed", action="store_true", help="also Fira under DeepSpeed ZeRO-2 and FSDP2, 2 processes")
@@ -197,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.restart_every < 1 or not 0 <= args.recovery_steps < args.restart_every:
         ap.error(f"--restart-every {args.restart_every} / --recovery-steps {args.recovery_steps} not accepted; expected "
                  "K >= 1 and R in [0, K - 1]")
+    if args.extend_grid < 0:
+        ap.error(f"--extend-grid {args.extend_grid} not accepted; expected a count >= 0 (0: the grid only)")
     try:
         grid = [float(x) for x in args.lr_grid.split(",")]
     except ValueError:
@@ -225,9 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     for opt in optimizers:
         if opt in lrs:
             continue
-        sweep[opt] = [(lr, one(opt, lr, 0, steps=args.sweep_steps)["eval_last"]["eval_loss"]) for lr in grid]
+        tried = {lr: one(opt, lr, 0, steps=args.sweep_steps)["eval_last"]["eval_loss"] for lr in grid}
+        for _ in range(args.extend_grid):
+            nxt = next_rate(tried)
+            if nxt is None:
+                break
+            print(f"  {opt}: lr {min(tried, key=tried.get):g} is the best at an end of the grid; trying {nxt:g}",
+                  flush=True)
+            tried[nxt] = one(opt, nxt, 0, steps=args.sweep_steps)["eval_last"]["eval_loss"]
+        sweep[opt] = sorted(tried.items())
         lrs[opt] = min(sweep[opt], key=lambda t: t[1])[0]
-        print(f"  {opt}: lr {lrs[opt]:g} has the lowest seed-0 validation loss", flush=True)
+        edge = " (still at an end of the extended grid)" if lrs[opt] in (sweep[opt][0][0], sweep[opt][-1][0]) else ""
+        print(f"  {opt}: lr {lrs[opt]:g} has the lowest seed-0 validation loss{edge}", flush=True)
 
     runs: dict[str, list[dict]] = {}
     plan = [(opt, "single") for opt in optimizers]
@@ -247,27 +293,33 @@ def main(argv: list[str] | None = None) -> int:
                      "restart_every": args.restart_every if "+" in opt else None,
                      "val_ppl_mean": statistics.fmean(math.exp(x) for x in final),
                      "tokens": rs[0]["tokens"], "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in rs),
+                     "wall_s": statistics.fmean(r["wall_s"] for r in rs),
                      **{f"{k}_bytes": v for k, v in memory_bytes(args, opt).items()}, "final_losses": final})
     table = ["| optimizer | lr | seeds | final val loss (mean +- std) | val perplexity | optimizer state | weights + "
-             "optimizer state | tokens | tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "optimizer state | tokens | tokens/s | s per run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['config']} | {r['lr']:g} | {r['seeds']} | {r['val_loss_mean']:.4f} +- {r['val_loss_std']:.4f} "
                      f"| {r['val_ppl_mean']:.2f} | {r['optimizer_states_bytes'] / 2**20:.2f} MiB | "
                      f"{(r['weights_bytes'] + r['optimizer_states_bytes']) / 2**20:.2f} MiB | {r['tokens']:,} "
-                     f"| {r['tokens_per_s']:,.0f} |")
+                     f"| {r['tokens_per_s']:,.0f} | {r['wall_s']:.0f} |")
     header = (f"model {args.model}, {args.steps} steps x {args.batch} seqs x {args.seq_len} tokens, rank {args.rank}, "
               f"alpha {args.alpha}, update_proj_gap {args.update_proj_gap}, data {args.data or 'embedded corpus'}")
     if any(o.startswith("lowrank") for o in optimizers):
         header += f"; lowrank alpha {args.lowrank_alpha:g}"
     if any("+" in o for o in optimizers):
         header += f"; restarts / resets every {args.restart_every} steps, lr recovery {args.recovery_steps} steps"
+    table += ordering(rows)
     if sweep:
         sweep_note = f", {args.sweep_steps} steps" if args.sweep_steps and args.sweep_steps != args.steps else ""
-        table += ["", f"Learning-rate sweep (seed 0{sweep_note}, final validation loss; the lowest is used above):", "",
-                  "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |",
-                  "|---|" + "---|" * len(grid)]
+        cols = sorted({lr for pts in sweep.values() for lr, _ in pts})
+        extended = f"; a rate outside {grid} was tried because the best sat at that end" if len(cols) > len(grid) else ""
+        table += ["", f"Learning-rate sweep (seed 0{sweep_note}, final validation loss; the lowest is used above"
+                      f"{extended}):", "",
+                  "| optimizer | " + " | ".join(f"lr {lr:g}" for lr in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
         for opt, pts in sweep.items():
-            table.append(f"| {opt} | " + " | ".join(f"{loss:.4f}" for _, loss in pts) + " |")
+            got = dict(pts)
+            table.append(f"| {opt} | " + " | ".join(f"{got[lr]:.4f}" if lr in got else "-" for lr in cols) + " |")
     text = header + "\n\n" + "\n".join(table)
     print(text)
     (out / "results.md").write_text(text + "\n")

@@ -33,16 +33,22 @@ def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 @pytest.mark.slow
 def test_convergence_smoke_writes_table_plot_and_reuses_runs(tmp_path):
     out, pub = tmp_path / "conv", tmp_path / "docs"
-    args = ["--smoke", "--distributed", "--lr-grid", "0.003,0.01", "--out", str(out), "--publish", str(pub)]
+    args = ["--smoke", "--distributed", "--lr-grid", "0.003,0.01", "--extend-grid", "1", "--out", str(out),
+            "--publish", str(pub)]
     proc = bench("convergence.py", *args)
     assert proc.returncode == 0, proc.stdout[-6000:]
     res = json.loads((out / "results.json").read_text())
     rows = {r["config"]: r for r in res["rows"]}
     assert list(rows) == ["adamw", "galore", "fira", "fira (deepspeed, 2 procs)", "fira (fsdp2, 2 procs)"]
+    extra = 0
     for opt in ("adamw", "galore", "fira"):  # the chosen lr is the sweep's best
         best_lr, _ = min(res["sweep"][opt], key=lambda t: t[1])
         assert rows[opt]["lr"] == best_lr
-        assert [lr for lr, _ in res["sweep"][opt]] == [0.003, 0.01]
+        tried = [lr for lr, _ in res["sweep"][opt]]
+        # The grid, plus one rate beyond the end where the grid's best sat (--extend-grid 1).
+        grid_best = min(((lr, loss) for lr, loss in res["sweep"][opt] if lr in (0.003, 0.01)), key=lambda t: t[1])[0]
+        assert tried == sorted({0.003, 0.01, {0.003: 0.0015, 0.01: 0.02}[grid_best]}), (opt, res["sweep"][opt])
+        extra += len(tried) - 2
     first = math.log(8192)  # an untrained model's loss on the 8192-token vocabulary
     for r in rows.values():
         assert all(math.isfinite(x) and x < first for x in r["final_losses"]), r
@@ -60,7 +66,7 @@ def test_convergence_smoke_writes_table_plot_and_reuses_runs(tmp_path):
     assert table.strip() in proc.stdout  # printed too
 
     stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.log")}
-    assert len(stamp) == 3 * 2 + 2  # the sweep (seed 0 is also the only seed) and the two distributed runs
+    assert len(stamp) == 3 * 2 + extra + 2  # the sweep (seed 0 is also the only seed) and the two distributed runs
     again = bench("convergence.py", *args)
     assert again.returncode == 0, again.stdout[-4000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.log")} == stamp  # nothing rerun
@@ -74,7 +80,7 @@ def test_convergence_smoke_knows_lowrank_restarts_and_resets(tmp_path):
     out = tmp_path / "conv"
     methods = ["lowrank", "lowrank+restarts", "fira+reset"]
     proc = bench("convergence.py", "--smoke", "--optimizers", ",".join(methods), "--lr-grid", "0.003",
-                 "--out", str(out))
+                 "--extend-grid", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-6000:]
     res = json.loads((out / "results.json").read_text())
     rows = {r["config"]: r for r in res["rows"]}
@@ -96,9 +102,38 @@ def test_convergence_smoke_knows_lowrank_restarts_and_resets(tmp_path):
     assert rows["lowrank"]["weights_bytes"] < adamw["weights"]  # the factorized model is smaller
 
 
+def test_convergence_sweep_extends_past_the_end_holding_the_best():
+    """The same rule for every method: a best rate at the grid's low (high) end is followed by half (twice) of it;
+    a best inside the grid ends the sweep."""
+    spec = importlib.util.spec_from_file_location("convergence", REPO / "benchmarks" / "convergence.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    assert conv.next_rate({0.0025: 5.8, 0.005: 5.9, 0.01: 6.1}) == 0.00125
+    assert conv.next_rate({0.0025: 6.0, 0.005: 5.9, 0.01: 5.7}) == 0.02
+    assert conv.next_rate({0.0025: 6.0, 0.005: 5.3, 0.01: 5.7}) is None
+    assert conv.next_rate({0.00125: 5.9, 0.0025: 5.8, 0.005: 5.9}) is None
+    assert conv.next_rate({0.003: 5.0}) == 0.0015
+
+
+def test_convergence_ordering_says_which_gaps_exceed_the_seed_spread():
+    spec = importlib.util.spec_from_file_location("convergence", REPO / "benchmarks" / "convergence.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    row = lambda name, m, s, n=3: {"config": name, "val_loss_mean": m, "val_loss_std": s, "seeds": n}
+    lines = conv.ordering([row("adamw", 5.0, 0.01), row("fira", 4.80, 0.03), row("galore", 4.82, 0.03),
+                           row("fira (fsdp2, 2 procs)", 4.0, 0.0, 1)])
+    body = [ln for ln in lines if ln.startswith("| fira") or ln.startswith("| galore")]
+    se = math.sqrt(2 * 0.03**2 / 3)
+    assert body[0] == f"| fira | galore | 0.0200 | {se:.4f} | no |"  # 0.02 < 2 x 0.0245
+    assert body[1].startswith("| galore | adamw | 0.1800 |") and body[1].endswith("| yes |")
+    assert len(body) == 2  # one-seed and distributed rows are not ranked
+    assert conv.ordering([row("fira", 4.8, 0.0, 1)]) == []
+
+
 @pytest.mark.parametrize("bad, says", [(["--lr", "sgd=0.1"], "--lr 'sgd=0.1' not accepted"),
                                        (["--lr", "fira=fast"], "--lr 'fira=fast' not accepted"),
                                        (["--lr-grid", "0.01,x"], "--lr-grid '0.01,x' not accepted"),
+                                       (["--extend-grid", "-1"], "--extend-grid -1 not accepted"),
                                        (["--optimizers", "adamw,lion"], "'lion' is not one of adamw, galore, fira"),
                                        (["--optimizers", "lowrank+reset"], "'lowrank+reset' is not one of"),
                                        (["--restart-every", "4", "--recovery-steps", "4"],

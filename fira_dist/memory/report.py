@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fira-dist memory", description=__doc__.split("\n\n")[1].split("``--compare")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama_7b", help="a name (llama_tiny, llama_9m ... llama_7b) or a config.json")
-    p.add_argument("--optimizer", default="fira", help="adamw, galore, fira; comma-separated with --compare")
+    p.add_argument("--optimizer", default="fira", help="adamw, galore, fira, lowrank; comma-separated with --compare")
     p.add_argument("--rank", type=int, default=None, help="projection rank (default: the model's Fira rank)")
     p.add_argument("--target-modules", default="attn,mlp", help="names of the projected linears (comma-separated)")
     p.add_argument("--proj-type", default="std")
