@@ -291,6 +291,17 @@ def _as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype {dtype!r} not understood: use a torch.dtype or one of {', '.join(_DTYPES)}")
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on a transformers model: ``activation_checkpointing_enable`` where
+    transformers has it (5.x, where the old name warns that it goes away in v6), else
+    ``gradient_checkpointing_enable`` (4.x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(config, device: Union[str, torch.device] = "cpu",
                 dtype: Union[str, torch.dtype] = torch.float32, seed: Optional[int] = None,
                 attn_implementation: Optional[str] = None):

@@ -21,7 +21,8 @@ from fira_dist.config import MomentumReset
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| in float64."""
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
 
 
 def factors(m: int, n: int, r: int, seed: int = 0, deficient: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

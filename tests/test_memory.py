@@ -155,6 +155,14 @@ def test_cli_table_compare_sweep_plot(capsys, tmp_path):
     text = capsys.readouterr().out
     assert sum(line.startswith(("adamw", "galore", "fira")) for line in text.splitlines()) == 12
     assert png.stat().st_size > 10_000
+    # Lists given with --compare are used as given, "single" and "fira" included.
+    assert memory_main(["--model", "llama_60m", "--compare", "--strategy", "single", "--optimizer", "fira,lowrank",
+                        "--json"]) == 0
+    got = [(c["config"]["optimizer"], c["config"]["strategy"]) for c in json.loads(capsys.readouterr().out)["configurations"]]
+    assert got == [("fira", "single"), ("lowrank", "single")]
+    assert memory_main(["--model", "llama_60m", "--compare", "--optimizer", "fira", "--strategy", "zero2", "--json"]) == 0
+    got = [(c["config"]["optimizer"], c["config"]["strategy"]) for c in json.loads(capsys.readouterr().out)["configurations"]]
+    assert got == [("fira", "zero2")]
     assert memory_main(["--model", "llama_60m", "--strategy", "fsdp2", "--sweep-world-size", "2,8,1024",
                         "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

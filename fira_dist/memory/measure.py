@@ -276,7 +276,7 @@ def _dist_env() -> tuple[int, int]:
 def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Any, Any, Any, Any]:
     """(model to call, the underlying module, optimizer, engine or None) for cfg.strategy."""
     from fira_dist import Fira, param_groups
-    from fira_dist.models import build_model, get_model_config
+    from fira_dist.models import build_model, enable_activation_checkpointing, get_model_config
 
     config = get_model_config(cfg.model, vocab_size=cfg.vocab_size)
     config._attn_implementation = cfg.attention
@@ -287,7 +287,7 @@ def _build(cfg: MemoryConfig, device: torch.device) -> tuple[Any, Any, Any, Any]
 
         factorize(model, cfg.target_modules, cfg.rank)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
 
     def make_opt(module: Any, **kw: Any) -> Any:

@@ -165,11 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fira-dist memory", description=__doc__.split("\n\n")[1].split("``--compare")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama_7b", help="a name (llama_tiny, llama_9m ... llama_7b) or a config.json")
-    p.add_argument("--optimizer", default="fira", help="adamw, galore, fira, lowrank; comma-separated with --compare")
+    p.add_argument("--optimizer", default=None,
+                   help="adamw, galore, fira, lowrank; comma-separated with --compare (default fira; with --compare "
+                        "all four)")
     p.add_argument("--rank", type=int, default=None, help="projection rank (default: the model's Fira rank)")
     p.add_argument("--target-modules", default="attn,mlp", help="names of the projected linears (comma-separated)")
     p.add_argument("--proj-type", default="std")
-    p.add_argument("--strategy", default="single", help=f"{', '.join(STRATEGIES)}; comma-separated with --compare")
+    p.add_argument("--strategy", default=None,
+                   help=f"{', '.join(STRATEGIES)}; comma-separated with --compare (default single; with --compare "
+                        "zero1,zero2,zero3,fsdp2)")
     p.add_argument("--world-size", type=int, default=None, help="ranks (default 1 for single, else 8)")
     p.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
     p.add_argument("--state-dtype", default=None, choices=("fp32", "bf16"))
@@ -201,13 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configs(args: argparse.Namespace) -> list[MemoryConfig]:
-    opts = [o.strip() for o in args.optimizer.split(",") if o.strip()]
-    strats = [s.strip() for s in args.strategy.split(",") if s.strip()]
-    if args.compare:
-        if args.optimizer == "fira":
-            opts = list(OPTIMIZERS)
-        if args.strategy == "single":
-            strats = ["zero1", "zero2", "zero3", "fsdp2"]
+    # Defaults: one fira / single row; --compare without a list: every optimizer x every distributed strategy. A
+    # list given explicitly (even "single") is used as given.
+    optimizer = args.optimizer or (",".join(OPTIMIZERS) if args.compare else "fira")
+    strategy = args.strategy or ("zero1,zero2,zero3,fsdp2" if args.compare else "single")
+    opts = [o.strip() for o in optimizer.split(",") if o.strip()]
+    strats = [s.strip() for s in strategy.split(",") if s.strip()]
     if args.sweep_world_size:
         sizes = [int(w) for w in args.sweep_world_size.split(",")]
     else:

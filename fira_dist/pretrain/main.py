@@ -107,7 +107,7 @@ class Trainer:
         model = M.build_model(plan.model_config, device="meta" if meta else "cpu", dtype=torch.float32,
                               seed=plan.seed, attn_implementation=plan.attn_implementation)
         if plan.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            M.enable_activation_checkpointing(model)
         model.config.use_cache = False
         if plan.optimizer == "lowrank":  # before any wrapper (FSDP2, DDP, DeepSpeed) sees the parameters
             from fira_dist import lowrank
