@@ -32,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -351,7 +352,7 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
         ax.plot(xs, ys, marker="o", ms=3, label=f"{key} (mean of {len(rs)})")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss")
-    ax.set_title(title, fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=8)  # the settings line, wrapped to the figure
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
