@@ -30,6 +30,14 @@ def bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
 
 
+def load_convergence():
+    """benchmarks/convergence.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("convergence", REPO / "benchmarks" / "convergence.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    return conv
+
+
 @pytest.mark.slow
 def test_convergence_smoke_writes_table_plot_and_reuses_runs(tmp_path):
     out, pub = tmp_path / "conv", tmp_path / "docs"
@@ -93,9 +101,7 @@ def test_convergence_smoke_knows_lowrank_restarts_and_resets(tmp_path):
         dip = lrs[4] / lrs[5]  # step 4: 0.001 x the scheduled lr; step 5: back to 1x (the cosine moves a little)
         assert (0.0005 < dip < 0.002) if "+" in m else (dip > 0.5), (m, lrs)
     assert "restarts / resets every 3 steps" in (out / "results.md").read_text()
-    spec = importlib.util.spec_from_file_location("convergence", REPO / "benchmarks" / "convergence.py")
-    conv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv)
+    conv = load_convergence()
     adamw = conv.memory_bytes(argparse.Namespace(**res["settings"]), "adamw")
     assert rows["lowrank+restarts"]["optimizer_states_bytes"] == rows["lowrank"]["optimizer_states_bytes"]
     assert rows["lowrank"]["optimizer_states_bytes"] < adamw["optimizer_states"]
@@ -105,9 +111,7 @@ def test_convergence_smoke_knows_lowrank_restarts_and_resets(tmp_path):
 def test_convergence_sweep_extends_past_the_end_holding_the_best():
     """The same rule for every method: a best rate at the grid's low (high) end is followed by half (twice) of it;
     a best inside the grid ends the sweep."""
-    spec = importlib.util.spec_from_file_location("convergence", REPO / "benchmarks" / "convergence.py")
-    conv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv)
+    conv = load_convergence()
     assert conv.next_rate({0.0025: 5.8, 0.005: 5.9, 0.01: 6.1}) == 0.00125
     assert conv.next_rate({0.0025: 6.0, 0.005: 5.9, 0.01: 5.7}) == 0.02
     assert conv.next_rate({0.0025: 6.0, 0.005: 5.3, 0.01: 5.7}) is None
@@ -116,9 +120,7 @@ def test_convergence_sweep_extends_past_the_end_holding_the_best():
 
 
 def test_convergence_ordering_says_which_gaps_exceed_the_seed_spread():
-    spec = importlib.util.spec_from_file_location("convergence", REPO / "benchmarks" / "convergence.py")
-    conv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv)
+    conv = load_convergence()
     row = lambda name, m, s, n=3: {"config": name, "val_loss_mean": m, "val_loss_std": s, "seeds": n}
     lines = conv.ordering([row("adamw", 5.0, 0.01), row("fira", 4.80, 0.03), row("galore", 4.82, 0.03),
                            row("fira (fsdp2, 2 procs)", 4.0, 0.0, 1)])
